@@ -1,0 +1,30 @@
+"""posthoc-ema: choose your EMA after training (EDM2 power-function EMA, post-hoc synthesis)."""
+
+from posthoc_ema._version import __version__
+from posthoc_ema.profiles import (
+    MAX_SIGMA_REL,
+    gamma_to_sigma_rel,
+    power_beta,
+    profile_inner_product,
+    reconstruction_error,
+    sigma_rel_to_gamma,
+    solve_coefficients,
+)
+from posthoc_ema.snapshots import SnapshotError, SnapshotInfo, SnapshotWriteError, list_snapshots
+from posthoc_ema.tracker import PostHocEMA
+
+__all__ = [
+    "__version__",
+    "MAX_SIGMA_REL",
+    "PostHocEMA",
+    "SnapshotError",
+    "SnapshotInfo",
+    "SnapshotWriteError",
+    "gamma_to_sigma_rel",
+    "list_snapshots",
+    "power_beta",
+    "profile_inner_product",
+    "reconstruction_error",
+    "sigma_rel_to_gamma",
+    "solve_coefficients",
+]

@@ -1,0 +1,306 @@
+"""Snapshot files: naming, self-describing metadata, atomic writes, listing.
+
+A snapshot is a safetensors file holding one EMA at one step. Everything that
+gives it meaning lives in its metadata (see :data:`FORMAT` and
+:class:`SnapshotInfo`); file names only keep files apart and sorted.
+
+Writes are atomic: the bytes go to ``<name>.tmp``, are fsynced, and the file is
+renamed into place with ``os.replace`` (then the folder is fsynced), so a crash
+never leaves a partial file under a final name. Listing skips ``*.tmp``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from posthoc_ema._version import __version__
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "SnapshotError",
+    "SnapshotInfo",
+    "list_snapshots",
+    "read_info",
+    "snapshot_name",
+    "write_atomic",
+    "BackgroundWriter",
+]
+
+log = logging.getLogger(__name__)
+
+#: The metadata value ``format`` of a snapshot written by this library.
+FORMAT = "posthoc-ema/snapshot"
+#: The metadata value ``format`` of a file synthesized from snapshots.
+SYNTHESIZED_FORMAT = "posthoc-ema/synthesized"
+#: Bumped on any change a reader of an older version could misread.
+FORMAT_VERSION = 1
+SUFFIX = ".safetensors"
+TMP_SUFFIX = ".tmp"
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class SnapshotError(ValueError):
+    """A snapshot folder or file that cannot be used, with the file and the reason."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A floating dtype from its name (``"bfloat16"``) or itself."""
+    if isinstance(name, torch.dtype) and name in DTYPES.values():
+        return name
+    if isinstance(name, str) and name in DTYPES:
+        return DTYPES[name]
+    raise ValueError(f"dtype={name!r} is not one of {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """What a snapshot's metadata says about it.
+
+    Attributes:
+        path: the file.
+        step: the training time at which the EMA was taken.
+        sigma_rel: relative width of the EMA's profile.
+        gamma: its exponent (EDM2 eq. 126); redundant with sigma_rel, stored to be explicit.
+        dtype: name of the dtype floating tensors were stored in.
+        update_every: how many ``update()`` calls there were per EMA update.
+        library_version: version of posthoc-ema that wrote the file.
+        tensors: name -> (safetensors dtype, shape) of every tensor, from the header.
+    """
+
+    path: Path
+    step: int
+    sigma_rel: float
+    gamma: float
+    dtype: str
+    update_every: int
+    library_version: str
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict, compare=False, repr=False)
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors metadata that describes this snapshot."""
+        return {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "step": str(self.step),
+            "sigma_rel": repr(self.sigma_rel),
+            "gamma": repr(self.gamma),
+            "dtype": self.dtype,
+            "update_every": str(self.update_every),
+            "library_version": self.library_version,
+        }
+
+
+def snapshot_name(step: int, sigma_rel: float) -> str:
+    """File name of the snapshot of ``sigma_rel`` at ``step``; sorts by step.
+
+    The name only keeps files apart: readers take step and sigma_rel from the metadata.
+    """
+    return f"phema-{step:012d}-{sigma_rel:.6g}{SUFFIX}"
+
+
+def _info_from_header(path: Path, meta: Mapping[str, str], table: Mapping[str, Mapping[str, Any]]) -> SnapshotInfo:
+    try:
+        version = int(meta["format_version"])
+        if version > FORMAT_VERSION:
+            raise SnapshotError(
+                f"{path}: snapshot format version {version} is newer than this posthoc-ema "
+                f"reads ({FORMAT_VERSION}); upgrade posthoc-ema"
+            )
+        info = SnapshotInfo(
+            path=path,
+            step=int(meta["step"]),
+            sigma_rel=float(meta["sigma_rel"]),
+            gamma=float(meta["gamma"]),
+            dtype=meta["dtype"],
+            update_every=int(meta["update_every"]),
+            library_version=meta["library_version"],
+            tensors={name: (str(t["dtype"]), tuple(int(n) for n in t["shape"])) for name, t in table.items()},
+        )
+    except KeyError as err:
+        raise SnapshotError(f"{path}: snapshot metadata lacks the key {err.args[0]!r}") from None
+    except ValueError as err:
+        if isinstance(err, SnapshotError):
+            raise
+        raise SnapshotError(f"{path}: snapshot metadata has a malformed value ({err})") from None
+    if info.step <= 0 or not (0 < info.sigma_rel < 0.5) or not math.isfinite(info.gamma):
+        raise SnapshotError(f"{path}: snapshot metadata is out of range (step={info.step}, sigma_rel={info.sigma_rel})")
+    return info
+
+
+def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """Metadata and tensor table (dtype, shape, offsets) of a safetensors file, checked against its size.
+
+    Reads only the header. Raises :class:`SnapshotError` naming the file when the
+    header is malformed or the file is shorter than the header says (a truncated write).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise SnapshotError(f"{path}: not a safetensors file (only {size} bytes)")
+            header_len = int.from_bytes(raw, "little")
+            if header_len > size - 8:
+                raise SnapshotError(f"{path}: truncated or not a safetensors file (header of {header_len} bytes in a file of {size})")
+            header = json.loads(f.read(header_len))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SnapshotError(f"{path}: unreadable safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise SnapshotError(f"{path}: malformed safetensors header")
+    meta = header.pop("__metadata__", None) or {}
+    try:
+        end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise SnapshotError(f"{path}: malformed safetensors header") from None
+    if 8 + header_len + end != size:
+        raise SnapshotError(
+            f"{path}: truncated or corrupt: the header describes {8 + header_len + end} bytes, the file has {size}"
+        )
+    return meta, header
+
+
+def read_info(path: str | os.PathLike[str]) -> SnapshotInfo | None:
+    """The :class:`SnapshotInfo` of a snapshot file, or None for another safetensors file.
+
+    Raises:
+        SnapshotError: if the file is truncated or corrupt, or its metadata is malformed.
+    """
+    meta, table = read_header(path)
+    if meta.get("format") != FORMAT:
+        return None
+    return _info_from_header(Path(path), meta, table)
+
+
+def list_snapshots(snapshot_dir: str | os.PathLike[str]) -> list[SnapshotInfo]:
+    """Every snapshot in a folder, sorted by (step, sigma_rel).
+
+    Files other than ``*.safetensors``, temporary files and safetensors files that
+    are not snapshots are ignored.
+
+    Raises:
+        SnapshotError: if the folder does not exist, or a snapshot is corrupt.
+    """
+    folder = Path(snapshot_dir)
+    if not folder.is_dir():
+        raise SnapshotError(f"{folder}: no such snapshot folder")
+    infos = [info for p in sorted(folder.glob(f"*{SUFFIX}")) if (info := read_info(p)) is not None]
+    return sorted(infos, key=lambda i: (i.step, i.sigma_rel))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every platform opens folders
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file so that it appears whole under ``path`` or not at all.
+
+    The bytes go to ``path + ".tmp"``, are flushed to disk, then renamed over
+    ``path``; the folder is fsynced so the rename survives a power loss.
+
+    Raises:
+        OSError: if writing fails; the temporary file is removed.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        save_file(dict(tensors), tmp, metadata=dict(metadata))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+class SnapshotWriteError(OSError):
+    """A snapshot that could not be written in the background, raised at the next call."""
+
+
+class BackgroundWriter:
+    """Runs write jobs one at a time on a daemon thread.
+
+    ``submit`` blocks when ``max_pending`` jobs wait, so a slow disk slows training
+    down instead of filling memory. The first failure is kept and raised, naming
+    the file, by the next ``submit``/``check``/``flush``.
+    """
+
+    def __init__(self, max_pending: int = 2) -> None:
+        self._jobs: queue.Queue[tuple[Path, Callable[[], None]] | None] = queue.Queue(max_pending)
+        self._error: SnapshotWriteError | None = None
+        self._thread = threading.Thread(target=self._run, name="posthoc-ema-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            path, write = job
+            try:
+                if self._error is None:
+                    write()
+            except Exception as err:  # kept and raised on the training thread
+                self._error = SnapshotWriteError(f"could not write snapshot {path}: {err}")
+                self._error.__cause__ = err
+            finally:
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+    def check(self) -> None:
+        """Raise the error of a failed write, once."""
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def submit(self, path: Path, write: Callable[[], None]) -> None:
+        self.check()
+        self._jobs.put((path, write))
+
+    def flush(self) -> None:
+        """Wait until every submitted write is on disk; raise if one failed."""
+        self._jobs.join()
+        self.check()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+
+
+def stage(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """CPU copies of ``tensors``, floating ones cast to ``dtype``, ready to be written off-thread."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors:
+        target = dtype if t.is_floating_point() else t.dtype
+        out[name] = t.detach().to(device="cpu", dtype=target, copy=True).contiguous()
+    return out

@@ -1,0 +1,507 @@
+"""The training-time tracker: power-function EMAs of a model, and their snapshots."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from posthoc_ema import profiles
+from posthoc_ema._version import __version__
+from posthoc_ema.snapshots import (
+    BackgroundWriter,
+    SnapshotInfo,
+    dtype_name,
+    list_snapshots,
+    parse_dtype,
+    snapshot_name,
+    stage,
+    write_atomic,
+)
+
+if TYPE_CHECKING:
+    from posthoc_ema.synthesize import StateDict
+
+__all__ = ["PostHocEMA", "clean_key"]
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "posthoc-ema/tracker"
+STATE_VERSION = 1
+
+
+def clean_key(key: str) -> str:
+    """A ``state_dict`` key without the prefixes wrappers add.
+
+    ``module.`` (DataParallel / DistributedDataParallel) at the front, and every
+    ``_orig_mod.`` (``torch.compile``), so the key loads into the bare model.
+
+    >>> clean_key("module._orig_mod.net.0.weight")
+    'net.0.weight'
+    """
+    while True:
+        if key.startswith("module."):
+            key = key[len("module.") :]
+        elif key.startswith("_orig_mod."):
+            key = key[len("_orig_mod.") :]
+        else:
+            break
+    return key.replace("._orig_mod.", ".")
+
+
+def _model_entries(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    entries: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        name = clean_key(key)
+        if name in entries and entries[name] is not t:
+            raise ValueError(f"two tensors of the model map to the state_dict key {name!r} once wrapper prefixes are removed")
+        entries[name] = t
+    return entries
+
+
+@dataclass
+class _Group:
+    """Averaged tensors that share a source device and dtype: one foreach call per EMA."""
+
+    sources: list[torch.Tensor]
+    emas: list[list[torch.Tensor]]  # [ema index][tensor]
+    staging: list[torch.Tensor] | None  # source copies in the EMA dtype/device, when they differ
+    sync_device: torch.device | None = None  # CUDA device to wait for before the CPU reads staging
+
+
+@dataclass
+class _Copied:
+    """Non-floating tensors (integer buffers such as BatchNorm's counter): copied, shared by all EMAs."""
+
+    sources: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+
+class PostHocEMA:
+    """Power-function EMAs of a model's weights, with snapshots for post-hoc synthesis.
+
+    Tracks one EMA per ``sigma_rel`` with the exact power-function update of EDM2
+    (Karras et al. 2023, eq. 127): at time ``t`` after an update at ``t_prev``,
+    ``ema = beta * ema + (1 - beta) * weights`` with
+    ``beta = (t_prev / t)**(gamma + 1)``. The first update copies. Every
+    ``snapshot_every`` steps each EMA is written to ``snapshot_dir`` as a
+    self-describing safetensors file, in the background; after training,
+    :func:`posthoc_ema.synthesize` turns them into the EMA of any ``sigma_rel``.
+
+    Floating parameters and buffers are averaged in float32 (float64 ones in
+    float64) whatever the model's dtype; other buffers are copied. Keys are the
+    model's ``state_dict()`` keys without ``module.`` / ``_orig_mod.`` prefixes.
+
+    Create the tracker after moving the model to its device and dtype, as you
+    would an optimizer: it holds the model's tensors, not copies of the module.
+
+    Args:
+        model: the model being trained.
+        sigma_rels: relative widths of the tracked EMAs, each in (0, sqrt(1/12)).
+        snapshot_dir: folder for snapshots; ``None`` tracks without writing any.
+        snapshot_every: write snapshots whenever the step passes a multiple of
+            this; ``None`` writes them only when :meth:`snapshot` is called.
+        update_every: apply the EMA on every k-th :meth:`update` call (and at
+            snapshot steps); the decay accounts for the skipped steps, so the
+            EMA still has the requested profile.
+        device: where to keep the EMAs (e.g. ``"cpu"`` for a model on a GPU);
+            default: beside each tensor.
+        snapshot_dtype: dtype floating tensors are stored in: float32 (default),
+            bfloat16 or float16 to halve the disk. Never applied to counters.
+        trainable_only: track only parameters with ``requires_grad`` (adapters,
+            LoRA); buffers are then left out.
+        exclude: glob patterns (``fnmatch``) of keys not to track.
+
+    Raises:
+        ValueError: for a sigma_rel outside (0, sqrt(1/12)), repeated sigma_rels,
+            a non-positive ``snapshot_every`` or ``update_every``, or a model with
+            nothing to track.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> emas = PostHocEMA(model, sigma_rels=(0.05, 0.10))
+        >>> for _ in range(3):
+        ...     emas.update()  # after each optimizer step
+        >>> emas.step
+        3
+        >>> sorted(emas.ema_state_dict(0.05))
+        ['bias', 'weight']
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sigma_rels: Sequence[float] | float = (0.05, 0.10),
+        *,
+        snapshot_dir: str | os.PathLike[str] | None = None,
+        snapshot_every: int | None = 1000,
+        update_every: int = 1,
+        device: torch.device | str | None = None,
+        snapshot_dtype: torch.dtype | str = torch.float32,
+        trainable_only: bool = False,
+        exclude: Iterable[str] = (),
+    ) -> None:
+        sigmas = (float(sigma_rels),) if isinstance(sigma_rels, (int, float)) else tuple(float(s) for s in sigma_rels)
+        if not sigmas:
+            raise ValueError("sigma_rels is empty; give at least one sigma_rel, e.g. (0.05, 0.10)")
+        gammas = profiles.sigma_rel_to_gamma(sigmas)  # validates the range
+        names = [snapshot_name(1, s) for s in sigmas]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sigma_rels={sigmas} repeats a value (to 6 significant digits)")
+        for name, value in (("snapshot_every", snapshot_every), ("update_every", update_every)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}={value!r} is not a positive integer")
+        self.sigma_rels: tuple[float, ...] = sigmas
+        self.gammas: tuple[float, ...] = tuple(float(g) for g in gammas)
+        self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
+        self.snapshot_every = snapshot_every
+        self.update_every = update_every
+        self.snapshot_dtype = parse_dtype(snapshot_dtype)
+        self.step = 0
+        self._ema_step = 0  # time of the last EMA update
+        self._calls = 0  # update() calls, for update_every
+        self._snapshot_step = 0  # time of the last snapshot
+        self._model = model
+        self._device = None if device is None else torch.device(device)
+        self._build(model, trainable_only=trainable_only, exclude=tuple(exclude))
+        self._writer: BackgroundWriter | None = None
+        if self.snapshot_dir is not None:
+            self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- construction -------------------------------------------------------
+
+    def _build(self, model: torch.nn.Module, *, trainable_only: bool, exclude: tuple[str, ...]) -> None:
+        entries = {
+            k: t
+            for k, t in _model_entries(model).items()
+            if not any(fnmatch.fnmatchcase(k, pattern) for pattern in exclude)
+            and (not trainable_only or (isinstance(t, torch.nn.Parameter) and t.requires_grad))
+        }
+        if not entries:
+            raise ValueError("the model has no tensors to track (check trainable_only and exclude)")
+        self._keys = list(entries)
+        self._sources = entries  # key -> the model's tensor, to check it was not replaced
+        # Tied weights appear under several keys: track each tensor once.
+        unique: dict[int, torch.Tensor] = {}
+        for t in entries.values():
+            unique.setdefault(id(t), t)
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        self._copied = _Copied()
+        self._slot: dict[int, tuple[Any, int]] = {}  # id(source) -> (group or _Copied, index)
+        for t in unique.values():
+            if t.is_floating_point():
+                groups.setdefault((t.device, t.dtype), []).append(t)
+            else:
+                self._slot[id(t)] = (self._copied, len(self._copied.sources))
+                self._copied.sources.append(t)
+                self._copied.values.append(t.detach().to(self._device or t.device, copy=True))
+        self._groups: list[_Group] = []
+        for (src_device, src_dtype), sources in groups.items():
+            ema_device = self._device or src_device
+            ema_dtype = torch.promote_types(src_dtype, torch.float32)
+            direct = ema_device == src_device and ema_dtype == src_dtype
+            pin = ema_device.type == "cpu" and src_device.type == "cuda"
+            staging = None
+            if not direct:
+                staging = [torch.empty(t.shape, dtype=ema_dtype, device=ema_device, pin_memory=pin) for t in sources]
+            emas = [
+                [t.detach().to(device=ema_device, dtype=ema_dtype, copy=True) for t in sources] for _ in self.sigma_rels
+            ]
+            group = _Group(sources, emas, staging, src_device if pin else None)
+            for i, t in enumerate(sources):
+                self._slot[id(t)] = (group, i)
+            self._groups.append(group)
+
+    # -- training -------------------------------------------------------------
+
+    @torch.no_grad()
+    def update(self, step: int | None = None) -> None:
+        """Record the model's current weights; call after each optimizer step.
+
+        Args:
+            step: the training time now (samples, tokens, ...), greater than the
+                previous one; default: the previous step + 1.
+
+        Raises:
+            ValueError: if ``step`` does not increase.
+            SnapshotWriteError: if an earlier background snapshot write failed.
+        """
+        if self._writer is not None:
+            self._writer.check()
+        if step is None:
+            step = self.step + 1
+        elif not isinstance(step, int) or isinstance(step, bool) or step <= self.step:
+            raise ValueError(f"step={step!r} must be an integer greater than the previous step {self.step}")
+        self.step = step
+        self._calls += 1
+        due = self._snapshot_due()
+        if due or self._calls % self.update_every == 0:
+            self._apply()
+        if due:
+            self._write_snapshots()
+
+    def _snapshot_due(self) -> bool:
+        every = self.snapshot_every
+        return self.snapshot_dir is not None and every is not None and self.step // every > self._snapshot_step // every
+
+    def _apply(self) -> None:
+        step, prev = self.step, self._ema_step
+        # EDM2 eq. 127 in Python floats: no tensor is read on the host, so no sync.
+        weights = [1.0 - (prev / step) ** (g + 1) for g in self.gammas]
+        for group in self._groups:
+            sources = group.sources
+            if group.staging is not None:
+                torch._foreach_copy_(group.staging, sources, non_blocking=group.sync_device is not None)
+                if group.sync_device is not None:
+                    torch.cuda.current_stream(group.sync_device).synchronize()
+                sources = group.staging
+            for emas, weight in zip(group.emas, weights):
+                torch._foreach_lerp_(emas, sources, weight)
+        if self._copied.sources:
+            torch._foreach_copy_(self._copied.values, self._copied.sources)
+        self._ema_step = step
+
+    # -- reading the EMAs -----------------------------------------------------
+
+    def _index(self, sigma_rel: float) -> int:
+        for i, s in enumerate(self.sigma_rels):
+            if math.isclose(s, sigma_rel, rel_tol=1e-9):
+                return i
+        raise ValueError(f"sigma_rel={sigma_rel!r} is not tracked; tracked: {', '.join(map(repr, self.sigma_rels))}")
+
+    def _ema_items(self, index: int) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in self._keys:
+            holder, i = self._slot[id(self._sources[key])]
+            yield key, holder.emas[index][i] if isinstance(holder, _Group) else holder.values[i]
+
+    def ema_state_dict(self, sigma_rel: float) -> dict[str, torch.Tensor]:
+        """A copy of the EMA of ``sigma_rel`` as it stands (floating entries in float32 or wider).
+
+        With ``update_every > 1`` this is the EMA at its last update, :attr:`ema_step`.
+
+        Raises:
+            ValueError: if ``sigma_rel`` is not tracked.
+        """
+        return {k: t.detach().clone() for k, t in self._ema_items(self._index(sigma_rel))}
+
+    @property
+    def ema_step(self) -> int:
+        """The step of the EMAs' last update (equals :attr:`step` when ``update_every == 1``)."""
+        return self._ema_step
+
+    def _target(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        entries = _model_entries(model)
+        missing = [k for k in self._keys if k not in entries]
+        if missing:
+            raise ValueError(f"the model lacks {len(missing)} tracked tensors, e.g. {missing[:3]}")
+        return {k: entries[k] for k in self._keys}
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module, sigma_rel: float) -> None:
+        """Load the EMA of ``sigma_rel`` into ``model`` (in its own dtype and device).
+
+        Raises:
+            ValueError: if ``sigma_rel`` is not tracked or the model lacks a tracked tensor.
+        """
+        target = self._target(model)
+        for key, value in self._ema_items(self._index(sigma_rel)):
+            target[key].copy_(value)
+
+    @contextlib.contextmanager
+    def swapped(self, model: torch.nn.Module, sigma_rel: float) -> Iterator[torch.nn.Module]:
+        """Temporarily put the EMA of ``sigma_rel`` into ``model``, e.g. to evaluate it.
+
+        The model's own tensors are restored bit for bit on exit, also when the
+        block raises.
+
+        Example:
+            >>> model = torch.nn.Linear(2, 1)
+            >>> emas = PostHocEMA(model, sigma_rels=0.1)
+            >>> emas.update()
+            >>> with emas.swapped(model, sigma_rel=0.1):
+            ...     pass  # evaluate(model)
+        """
+        target = self._target(model)
+        index = self._index(sigma_rel)
+        with torch.no_grad():
+            backup = {k: t.detach().clone() for k, t in target.items()}
+            try:
+                for key, value in self._ema_items(index):
+                    target[key].copy_(value)
+                with torch.enable_grad():
+                    yield model
+            finally:
+                for key, saved in backup.items():
+                    target[key].copy_(saved)
+
+    # -- snapshots ------------------------------------------------------------
+
+    def _check_sources(self) -> None:
+        current = _model_entries(self._model)
+        moved = [k for k, t in self._sources.items() if current.get(k) is not t]
+        if moved:
+            raise RuntimeError(
+                f"the model's tensors were replaced since the tracker was created (e.g. {moved[0]!r}), "
+                "as model.to() does to buffers; create PostHocEMA after moving the model"
+            )
+
+    def snapshot(self) -> list[Path]:
+        """Write a snapshot of every EMA now, in the background.
+
+        If ``update_every`` skipped the latest steps, the EMAs are first brought up
+        to :attr:`step` with the model's current weights.
+
+        Returns:
+            The paths the snapshots will have once written (see :meth:`flush`).
+
+        Raises:
+            ValueError: if the tracker has no ``snapshot_dir`` or no update yet.
+            SnapshotWriteError: if an earlier background write failed.
+        """
+        if self.snapshot_dir is None:
+            raise ValueError("this PostHocEMA has no snapshot_dir; pass snapshot_dir= to write snapshots")
+        if self.step == 0:
+            raise ValueError("nothing to snapshot: call update() after an optimizer step first")
+        if self._writer is not None:
+            self._writer.check()
+        if self._ema_step < self.step:
+            with torch.no_grad():
+                self._apply()
+        return self._write_snapshots()
+
+    def _write_snapshots(self) -> list[Path]:
+        assert self.snapshot_dir is not None
+        self._check_sources()
+        self._snapshot_step = self._ema_step
+        paths = []
+        for index, (sigma_rel, gamma) in enumerate(zip(self.sigma_rels, self.gammas)):
+            info = SnapshotInfo(
+                path=self.snapshot_dir / snapshot_name(self._ema_step, sigma_rel),
+                step=self._ema_step,
+                sigma_rel=sigma_rel,
+                gamma=gamma,
+                dtype=dtype_name(self.snapshot_dtype),
+                update_every=self.update_every,
+                library_version=__version__,
+            )
+            paths.append(info.path)
+            if not _is_writer_rank():
+                continue
+            staged = stage(self._ema_items(index), self.snapshot_dtype)
+            if self._writer is None:
+                self._writer = BackgroundWriter()
+            self._writer.submit(info.path, _write_job(info, staged))
+        return paths
+
+    def flush(self) -> None:
+        """Wait until every snapshot written so far is complete and on disk.
+
+        Raises:
+            SnapshotWriteError: naming the file and the cause, if a write failed.
+        """
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush, then stop the background writer (a later snapshot starts a new one)."""
+        if self._writer is not None:
+            try:
+                self._writer.flush()
+            finally:
+                self._writer.close()
+                self._writer = None
+
+    def synthesize(self, sigma_rel: float, *, step: int | None = None, device: str | None = None) -> StateDict:
+        """Flush, then synthesize the EMA of ``sigma_rel`` from this tracker's snapshots.
+
+        See :func:`posthoc_ema.synthesize`.
+        """
+        from posthoc_ema.synthesize import synthesize
+
+        if self.snapshot_dir is None:
+            raise ValueError("this PostHocEMA has no snapshot_dir to synthesize from")
+        self.flush()
+        return synthesize(self.snapshot_dir, sigma_rel, step=step, device=device)
+
+    # -- resume ---------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: counters and every EMA tensor.
+
+        Loads back with ``torch.load(..., weights_only=True)``.
+        """
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "sigma_rels": list(self.sigma_rels),
+            "step": self.step,
+            "ema_step": self._ema_step,
+            "calls": self._calls,
+            "snapshot_step": self._snapshot_step,
+            "emas": [dict(self._ema_items(i)) for i in range(len(self.sigma_rels))],
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict`, bit for bit.
+
+        Snapshots already in ``snapshot_dir`` are kept; the ones after the
+        restored step come from the interrupted run and are replaced as training
+        reaches their step again.
+
+        Raises:
+            ValueError: if the state is not a tracker state, or its sigma_rels,
+                tensor names or shapes differ from this tracker's.
+        """
+        if state_dict.get("format") != STATE_FORMAT:
+            raise ValueError("not a PostHocEMA state_dict (its 'format' entry is missing or different)")
+        if state_dict["version"] > STATE_VERSION:
+            raise ValueError(f"state_dict version {state_dict['version']} is newer than this posthoc-ema reads")
+        theirs = tuple(float(s) for s in state_dict["sigma_rels"])
+        if len(theirs) != len(self.sigma_rels) or not all(math.isclose(a, b) for a, b in zip(theirs, self.sigma_rels)):
+            raise ValueError(f"the state_dict tracks sigma_rels {theirs}, this PostHocEMA tracks {self.sigma_rels}")
+        for index, saved in enumerate(state_dict["emas"]):
+            missing = [k for k in self._keys if k not in saved]
+            unexpected = [k for k in saved if k not in self._sources]
+            if missing or unexpected:
+                raise ValueError(
+                    f"the state_dict's tensor names differ: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                    f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+                )
+            for key, value in self._ema_items(index):
+                if saved[key].shape != value.shape:
+                    raise ValueError(f"the state_dict's {key!r} has shape {tuple(saved[key].shape)}, expected {tuple(value.shape)}")
+        for index, saved in enumerate(state_dict["emas"]):
+            for key, value in self._ema_items(index):
+                value.copy_(saved[key])
+        self.step = int(state_dict["step"])
+        self._ema_step = int(state_dict["ema_step"])
+        self._calls = int(state_dict["calls"])
+        self._snapshot_step = int(state_dict["snapshot_step"])
+        if self.snapshot_dir is not None:
+            later = [i for i in list_snapshots(self.snapshot_dir) if i.step > self.step]
+            if later:
+                log.warning(
+                    "%s holds %d snapshots after the resumed step %d (from the interrupted run); "
+                    "they are replaced as training reaches their steps again",
+                    self.snapshot_dir,
+                    len(later),
+                    self.step,
+                )
+
+
+def _is_writer_rank() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _write_job(info: SnapshotInfo, tensors: dict[str, torch.Tensor]) -> Any:
+    return lambda: write_atomic(info.path, tensors, info.metadata())
