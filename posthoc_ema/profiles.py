@@ -79,8 +79,8 @@ def gamma_to_sigma_rel(gamma: ArrayLike) -> FloatArray:
         ValueError: if a gamma is not > -1.
 
     Example:
-        >>> float(gamma_to_sigma_rel(6.94))  # doctest: +ELLIPSIS
-        0.100...
+        >>> round(float(gamma_to_sigma_rel(6.937203937601806)), 12)
+        0.1
     """
     g = _check_gamma(gamma)
     return np.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
@@ -105,8 +105,8 @@ def sigma_rel_to_gamma(sigma_rel: ArrayLike) -> FloatArray:
         ValueError: if a sigma_rel is outside (0, sqrt(1/12)).
 
     Example:
-        >>> float(sigma_rel_to_gamma(0.10))  # doctest: +ELLIPSIS
-        6.94...
+        >>> round(float(sigma_rel_to_gamma(0.10)), 6)
+        6.937204
     """
     s = _check_sigma_rel(sigma_rel)
     # Substitute g = x - 7/3 to get the depressed cubic x**3 + p x + q.
@@ -276,8 +276,8 @@ def reconstruction_error(
 
     Example:
         >>> c = solve_coefficients([100, 100], [0.05, 0.1], 100, 0.1)
-        >>> float(reconstruction_error(c, [100, 100], [0.05, 0.1], 100, 0.1)) < 1e-6
-        True
+        >>> reconstruction_error(c, [100, 100], [0.05, 0.1], 100, 0.1) < 1e-6
+        array([ True])
     """
     steps, gammas, out_t, out_gammas = _prepare(in_steps, in_sigma_rels, out_step, out_sigma_rels)
     coef = np.asarray(coefficients, dtype=np.float64).reshape(steps.size, out_gammas.size)
