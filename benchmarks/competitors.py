@@ -20,13 +20,16 @@ the steadiest numbers on the 2-core benchmark machine and makes the per-tensor P
 overhead (what the libraries differ in) most visible; pass --threads 2 to use both cores.
 Use the same value for our library's side.
 """
+
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import importlib.metadata
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -40,8 +43,7 @@ import torch
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-DEPS = {"ema_pytorch": HERE / ".deps" / "ema_pytorch",
-        "pytorch_posthoc_ema": HERE / ".deps" / "pytorch_posthoc_ema"}
+DEPS = {"ema_pytorch": HERE / ".deps" / "ema_pytorch", "pytorch_posthoc_ema": HERE / ".deps" / "pytorch_posthoc_ema"}
 MODULES = {"ema_pytorch": "ema_pytorch", "pytorch_posthoc_ema": "posthoc_ema"}
 DISTS = {"ema_pytorch": "ema-pytorch", "pytorch_posthoc_ema": "pytorch-posthoc-ema"}
 
@@ -50,13 +52,14 @@ TARGETS = (0.04, 0.06, 0.08, 0.10, 0.12, 0.15, 0.18, 0.22)  # 8 sigma_rels synth
 
 # shape -> (number of Linear(d, d) layers, d); each layer has 2 tensors (weight, bias)
 SHAPES = {
-    "big": (150, 364),     # 19.9M parameters in 300 tensors
-    "small": (1000, 44),   # 1.98M parameters in 2000 tensors
-    "synth": (96, 512),    # 25.2M parameters in 192 tensors (snapshots for `synthesize`)
+    "big": (150, 364),  # 19.9M parameters in 300 tensors
+    "small": (1000, 44),  # 1.98M parameters in 2000 tensors
+    "synth": (96, 512),  # 25.2M parameters in 192 tensors (snapshots for `synthesize`)
 }
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def time_calls(fn, iters: int, warmup: int = 3) -> list[float]:
     """Call fn() `warmup` times untimed, then `iters` times; return each call's seconds.
@@ -113,8 +116,9 @@ def load_competitor(lib: str):
 
 
 def emit(record: dict) -> None:
+    """Print the job's one JSON line on the real stdout (main() sends all else to stderr)."""
     record.update(torch=torch.__version__, threads=torch.get_num_threads())
-    print(json.dumps(record), flush=True)
+    print(json.dumps(record), file=sys.__stdout__, flush=True)
 
 
 def model_stats(model: nn.Module) -> dict:
@@ -124,8 +128,15 @@ def model_stats(model: nn.Module) -> dict:
 
 # ------------------------------------------------------------------- library adapters
 
-def make_tracker(lib: str, model: nn.Module, folder: Path, checkpoint_every: int | None,
-                 snapshot_dtype: torch.dtype, max_snapshots: int = 20):
+
+def make_tracker(
+    lib: str,
+    model: nn.Module,
+    folder: Path,
+    checkpoint_every: int | None,
+    snapshot_dtype: torch.dtype,
+    max_snapshots: int = 20,
+):
     """Wrap `model` in the library's post-hoc EMA (two EMAs, updated every step).
 
     Returns a zero-argument function doing one training-step update.
@@ -134,16 +145,25 @@ def make_tracker(lib: str, model: nn.Module, folder: Path, checkpoint_every: int
     module = load_competitor(lib)
     if lib == "ema_pytorch":
         tracker = module.PostHocEMA(
-            model, sigma_rels=SIGMA_RELS, update_every=1,
+            model,
+            sigma_rels=SIGMA_RELS,
+            update_every=1,
             checkpoint_every_num_steps=checkpoint_every or "manual",
-            checkpoint_folder=str(folder), checkpoint_dtype=snapshot_dtype)
+            checkpoint_folder=str(folder),
+            checkpoint_dtype=snapshot_dtype,
+        )
         return tracker.update
     tracker = module.PostHocEMA.from_model(
-        model, folder, sigma_rels=SIGMA_RELS, update_every=1,
+        model,
+        folder,
+        sigma_rels=SIGMA_RELS,
+        update_every=1,
         # its default update_after_step=100 would skip the first 99 calls entirely
         update_after_step=0,
         checkpoint_every=checkpoint_every or 2**62,
-        checkpoint_dtype=snapshot_dtype, max_checkpoints=max_snapshots)
+        checkpoint_dtype=snapshot_dtype,
+        max_checkpoints=max_snapshots,
+    )
     return lambda: tracker.update_(model)
 
 
@@ -164,15 +184,16 @@ def synthesizer(lib: str, variant: str, folder: Path, model: nn.Module | None):
     """
     module = load_competitor(lib)
     if lib == "ema_pytorch":
-        tracker = module.PostHocEMA(model, sigma_rels=SIGMA_RELS,
-                                    checkpoint_every_num_steps="manual",
-                                    checkpoint_folder=str(folder))
+        tracker = module.PostHocEMA(
+            model, sigma_rels=SIGMA_RELS, checkpoint_every_num_steps="manual", checkpoint_folder=str(folder)
+        )
 
         def synth(sigma_rel):
             start = time.perf_counter()
             ema = tracker.synthesize_ema_model(sigma_rel=sigma_rel)
             seconds = time.perf_counter() - start
             return seconds, checksum(ema.ema_model.parameters())
+
         return synth
 
     # from_path must be told the sigma_rels: it would otherwise assume (0.05, 0.28)
@@ -184,6 +205,7 @@ def synthesizer(lib: str, variant: str, folder: Path, model: nn.Module | None):
         with tracker.state_dict(sigma_rel=sigma_rel) as state_dict:
             seconds = time.perf_counter() - start
             return seconds, checksum(state_dict.values())
+
     return synth
 
 
@@ -192,6 +214,7 @@ def needs_model(lib: str, variant: str) -> bool:
 
 
 # ------------------------------------------------------------------------------ jobs
+
 
 def job_update(args) -> None:
     model = build_model(args.shape)
@@ -211,12 +234,24 @@ def job_update(args) -> None:
             lib_s += time_calls(step, args.iters, args.warmup)
             floor_s += time_calls(floor, args.iters, args.warmup)
     lib_med, floor_med = statistics.median(lib_s), statistics.median(floor_s)
-    emit({"job": "update", "lib": args.lib, "version": importlib.metadata.version(DISTS[args.lib]),
-          "shape": args.shape, **model_stats(model), "n_emas": len(SIGMA_RELS),
-          "iters": args.iters, "rounds": args.rounds, "warmup": args.warmup,
-          "update_s": lib_med, "update_min_s": min(lib_s),
-          "floor_s": floor_med, "floor_min_s": min(floor_s),
-          "ratio": lib_med / floor_med})
+    emit(
+        {
+            "job": "update",
+            "lib": args.lib,
+            "version": importlib.metadata.version(DISTS[args.lib]),
+            "shape": args.shape,
+            **model_stats(model),
+            "n_emas": len(SIGMA_RELS),
+            "iters": args.iters,
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+            "update_s": lib_med,
+            "update_min_s": min(lib_s),
+            "floor_s": floor_med,
+            "floor_min_s": min(floor_s),
+            "ratio": lib_med / floor_med,
+        }
+    )
 
 
 def job_make_snapshots(args) -> None:
@@ -235,15 +270,31 @@ def job_make_snapshots(args) -> None:
     for t in range(args.snapshots * args.every):
         for i, p in enumerate(params):
             offset = (t * 7919 + i * 104729) % 4096
-            p.add_(noise[offset:offset + p.numel()].view_as(p))
+            p.add_(noise[offset : offset + p.numel()].view_as(p))
         step()
     seconds = time.perf_counter() - start
+    os.sync()  # so that writing back these GiBs does not overlap a later synthesize job
     files = sorted(out.glob("*.pt"))
-    meta = {"lib": args.lib, "shape": args.shape, "dtype": args.dtype, "sigma_rels": SIGMA_RELS,
-            "snapshots_per_ema": args.snapshots, "every": args.every}
+    meta = {
+        "lib": args.lib,
+        "shape": args.shape,
+        "dtype": args.dtype,
+        "sigma_rels": SIGMA_RELS,
+        "snapshots_per_ema": args.snapshots,
+        "every": args.every,
+    }
     (out / "meta.json").write_text(json.dumps(meta))
-    emit({"job": "make-snapshots", **meta, **model_stats(model), "folder": str(out),
-          "files": len(files), "bytes": sum(f.stat().st_size for f in files), "seconds": seconds})
+    emit(
+        {
+            "job": "make-snapshots",
+            **meta,
+            **model_stats(model),
+            "folder": str(out),
+            "files": len(files),
+            "bytes": sum(f.stat().st_size for f in files),
+            "seconds": seconds,
+        }
+    )
 
 
 def job_synthesize(args) -> None:
@@ -265,17 +316,32 @@ def job_synthesize(args) -> None:
         seconds, total = synth(sigma_rel)
         per_target.append(seconds)
         sums.append(total)
-    emit({"job": "synthesize", "lib": args.lib, "version": importlib.metadata.version(DISTS[args.lib]),
-          "variant": variant, "shape": meta["shape"], "snapshot_dtype": meta["dtype"],
-          "snapshots": len(list(folder.glob("*.pt"))), "targets": TARGETS,
-          "model_s": model_s, "setup_s": setup_s,
-          "synth_s": sum(per_target), "per_target_s": per_target,
-          "rss_start_mb": rss_start, "rss_after_setup_mb": rss_setup,
-          "peak_rss_mb": peak_rss_mb(), "checksums": sums})
+    emit(
+        {
+            "job": "synthesize",
+            "lib": args.lib,
+            "version": importlib.metadata.version(DISTS[args.lib]),
+            "variant": variant,
+            "shape": meta["shape"],
+            "snapshot_dtype": meta["dtype"],
+            "snapshots": len(list(folder.glob("*.pt"))),
+            "targets": TARGETS,
+            "model_s": model_s,
+            "setup_s": setup_s,
+            "synth_s": sum(per_target),
+            "synth_median_s": statistics.median(per_target),
+            "per_target_s": per_target,
+            "rss_start_mb": rss_start,
+            "rss_after_setup_mb": rss_setup,
+            "peak_rss_mb": peak_rss_mb(),
+            "checksums": sums,
+        }
+    )
 
 
 def job_all(args) -> None:
     """Every measurement, each in a fresh subprocess; prints their JSON lines."""
+
     def run(*job_args):
         cmd = [sys.executable, __file__, *job_args, "--threads", str(args.threads)]
         print("$", " ".join(cmd[1:]), file=sys.stderr, flush=True)
@@ -322,8 +388,12 @@ def main(argv=None) -> None:
     p = add("synthesize", job_synthesize, "time synthesizing 8 sigma_rels from a snapshot folder")
     p.add_argument("--lib", choices=DEPS, required=True)
     p.add_argument("--folder", required=True, help="written by make-snapshots")
-    p.add_argument("--variant", choices=("default", "state_dict", "model"), default="state_dict",
-                   help="pytorch_posthoc_ema only: from_path without (state_dict) or with the model")
+    p.add_argument(
+        "--variant",
+        choices=("default", "state_dict", "model"),
+        default="state_dict",
+        help="pytorch_posthoc_ema only: from_path without (state_dict) or with the model",
+    )
 
     p = add("all", job_all, "run every job, each in its own subprocess")
     p.add_argument("--iters", type=int, default=50)
@@ -332,7 +402,9 @@ def main(argv=None) -> None:
 
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.fn(args)
+    # the libraries print (e.g. solver fallbacks): keep stdout for the JSON line alone
+    with contextlib.redirect_stdout(sys.stderr):
+        args.fn(args)
 
 
 if __name__ == "__main__":

@@ -11,20 +11,34 @@ from posthoc_ema.profiles import (
     solve_coefficients,
 )
 from posthoc_ema.snapshots import SnapshotError, SnapshotInfo, SnapshotWriteError, list_snapshots
+from posthoc_ema.synthesize import (
+    ERROR_WARNING_THRESHOLD,
+    Plan,
+    PoorReconstructionWarning,
+    plan,
+    synthesize,
+    synthesize_many,
+)
 from posthoc_ema.tracker import PostHocEMA
 
 __all__ = [
     "__version__",
+    "ERROR_WARNING_THRESHOLD",
     "MAX_SIGMA_REL",
+    "Plan",
+    "PoorReconstructionWarning",
     "PostHocEMA",
     "SnapshotError",
     "SnapshotInfo",
     "SnapshotWriteError",
     "gamma_to_sigma_rel",
     "list_snapshots",
+    "plan",
     "power_beta",
     "profile_inner_product",
     "reconstruction_error",
     "sigma_rel_to_gamma",
     "solve_coefficients",
+    "synthesize",
+    "synthesize_many",
 ]

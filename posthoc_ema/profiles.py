@@ -83,7 +83,7 @@ def gamma_to_sigma_rel(gamma: ArrayLike) -> FloatArray:
         0.1
     """
     g = _check_gamma(gamma)
-    return np.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
+    return np.sqrt((g + 1) / (g + 3)) / (g + 2)  # (g + 2)**2 would overflow for gamma > 1e154
 
 
 def sigma_rel_to_gamma(sigma_rel: ArrayLike) -> FloatArray:
@@ -109,20 +109,21 @@ def sigma_rel_to_gamma(sigma_rel: ArrayLike) -> FloatArray:
         6.937204
     """
     s = _check_sigma_rel(sigma_rel)
-    # Substitute g = x - 7/3 to get the depressed cubic x**3 + p x + q.
-    c = s**-2
-    a2, a1, a0 = 7.0, 16.0 - c, 12.0 - c
+    # Solve for u = gamma * sigma_rel, the cubic times s**3: its coefficients stay
+    # bounded (s**-2 overflows for sigma_rel < 1e-154), and gamma = u / s.
+    a2, a1, a0 = 7.0 * s, 16.0 * s**2 - 1.0, (12.0 * s**2 - 1.0) * s
+    # Substitute u = x - a2/3 to get the depressed cubic x**3 + p x + q.
     p = a1 - a2**2 / 3
     q = 2 * a2**3 / 27 - a2 * a1 / 3 + a0
     # p < 0 on our domain, so the largest real root is given by the cosine formula.
     r = np.sqrt(-p / 3)
     arg = np.clip(3 * q / (2 * p * r), -1.0, 1.0)
-    g = 2 * r * np.cos(np.arccos(arg) / 3) - a2 / 3
+    u = 2 * r * np.cos(np.arccos(arg) / 3) - a2 / 3
     for _ in range(2):  # Newton polish; the root is simple.
-        f = ((g + a2) * g + a1) * g + a0
-        df = (3 * g + 2 * a2) * g + a1
-        g = g - f / df
-    return g
+        f = ((u + a2) * u + a1) * u + a0
+        df = (3 * u + 2 * a2) * u + a1
+        u = u - f / df
+    return u / s
 
 
 def power_beta(gamma: ArrayLike, step: ArrayLike, prev_step: ArrayLike) -> FloatArray:
@@ -142,6 +143,12 @@ def power_beta(gamma: ArrayLike, step: ArrayLike, prev_step: ArrayLike) -> Float
     g = _check_gamma(gamma)
     t = _check_step(step, "step")
     t_prev = np.asarray(prev_step, dtype=np.float64)
+    bad = ~((t_prev >= 0) & (t_prev <= t))  # also catches NaN
+    if np.any(bad):
+        t_prev, t = np.broadcast_arrays(t_prev, t)
+        raise ValueError(
+            f"prev_step={float(t_prev[bad].flat[0])!r} is outside [0, step={float(t[bad].flat[0])!r}]"
+        )
     return (t_prev / t) ** (g + 1)
 
 
@@ -162,6 +169,12 @@ def profile_inner_product(
     tb = _check_step(step_b, "step")
     ga = _check_gamma(gamma_a)
     gb = _check_gamma(gamma_b)
+    bad = ~(ga + gb > -1)  # t**(g_a + g_b) is not integrable at 0 otherwise
+    if np.any(bad):
+        raise ValueError(
+            f"gamma_a + gamma_b={float((ga + gb)[bad].flat[0])!r} is outside (-1, inf); "
+            "the product of the profiles is not integrable"
+        )
     # Order each pair so the shorter profile comes first.
     a_first = ta <= tb
     t_lo = np.where(a_first, ta, tb)
@@ -244,7 +257,7 @@ def solve_coefficients(
     steps, gammas, out_t, out_gammas = _prepare(in_steps, in_sigma_rels, out_step, out_sigma_rels)
     used = steps <= out_t
     if not np.any(used):
-        raise ValueError(f"no snapshot at or before out_step={float(out_t)!r}; the earliest is at {steps.min()!r}")
+        raise ValueError(f"no snapshot at or before out_step={float(out_t)!r}; the earliest is at {float(steps.min())!r}")
     gram = _gram(steps[used], gammas[used])
     cross = profile_inner_product(steps[used, None], gammas[used, None], out_t, out_gammas[None, :])
     coef = _lstsq(gram, cross)
@@ -280,5 +293,11 @@ def reconstruction_error(
         array([ True])
     """
     steps, gammas, out_t, out_gammas = _prepare(in_steps, in_sigma_rels, out_step, out_sigma_rels)
-    coef = np.asarray(coefficients, dtype=np.float64).reshape(steps.size, out_gammas.size)
+    coef = np.asarray(coefficients, dtype=np.float64)
+    if coef.size != steps.size * out_gammas.size:
+        raise ValueError(
+            f"coefficients have shape {coef.shape}, expected ({steps.size}, {out_gammas.size}) "
+            "(one row per snapshot, one column per target sigma_rel)"
+        )
+    coef = coef.reshape(steps.size, out_gammas.size)
     return np.sqrt(_squared_error(coef, steps, gammas, out_t, out_gammas))

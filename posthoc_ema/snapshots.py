@@ -89,6 +89,7 @@ class SnapshotInfo:
         update_every: how many ``update()`` calls there were per EMA update.
         library_version: version of posthoc-ema that wrote the file.
         tensors: name -> (safetensors dtype, shape) of every tensor, from the header.
+        offsets: name -> absolute byte offset of the tensor's data in the file.
     """
 
     path: Path
@@ -99,6 +100,7 @@ class SnapshotInfo:
     update_every: int
     library_version: str
     tensors: Mapping[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict, compare=False, repr=False)
+    offsets: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def metadata(self) -> dict[str, str]:
         """The safetensors metadata that describes this snapshot."""
@@ -139,6 +141,7 @@ def _info_from_header(path: Path, meta: Mapping[str, str], table: Mapping[str, M
             update_every=int(meta["update_every"]),
             library_version=meta["library_version"],
             tensors={name: (str(t["dtype"]), tuple(int(n) for n in t["shape"])) for name, t in table.items()},
+            offsets={name: int(t["offset"]) for name, t in table.items()},
         )
     except KeyError as err:
         raise SnapshotError(f"{path}: snapshot metadata lacks the key {err.args[0]!r}") from None
@@ -153,6 +156,8 @@ def _info_from_header(path: Path, meta: Mapping[str, str], table: Mapping[str, M
 
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
     """Metadata and tensor table (dtype, shape, offsets) of a safetensors file, checked against its size.
+
+    Each table entry gains ``"offset"``, the absolute position of its data in the file.
 
     Reads only the header. Raises :class:`SnapshotError` naming the file when the
     header is malformed or the file is shorter than the header says (a truncated write).
@@ -177,6 +182,8 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str,
         end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
     except (TypeError, KeyError, IndexError, ValueError):
         raise SnapshotError(f"{path}: malformed safetensors header") from None
+    for t in header.values():
+        t["offset"] = 8 + header_len + int(t["data_offsets"][0])
     if 8 + header_len + end != size:
         raise SnapshotError(
             f"{path}: truncated or corrupt: the header describes {8 + header_len + end} bytes, the file has {size}"

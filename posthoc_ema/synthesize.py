@@ -8,10 +8,14 @@ the outputs plus a bounded buffer whatever the number of snapshots.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import itertools
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +55,9 @@ StateDict = dict[str, torch.Tensor]
 #: differently from the requested EMA.
 ERROR_WARNING_THRESHOLD = 0.05
 
-# Bytes of snapshot data gathered for one matrix product; bounds the memory
-# used beyond the outputs, whatever the number of snapshots.
-_CHUNK_BYTES = 64 << 20
+# Bytes of float32 snapshot data gathered for one matrix product (two such
+# buffers exist); bounds the memory used beyond the outputs.
+_CHUNK_BYTES = 32 << 20
 # Snapshot files open at once; more snapshots are streamed in several passes.
 _MAX_OPEN = 256
 
@@ -208,13 +212,6 @@ def plan(
     return result
 
 
-def _open(info: SnapshotInfo, device: str) -> safe_open:
-    try:
-        return safe_open(str(info.path), framework="pt", device=device)
-    except Exception as err:  # safetensors raises its own types
-        raise SnapshotError(f"{info.path}: cannot open snapshot ({err})") from None
-
-
 def synthesize_many(
     snapshot_dir: str | os.PathLike[str],
     sigma_rels: Iterable[float],
@@ -259,65 +256,108 @@ def run(
     dtype: torch.dtype | str = torch.float32,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[float, StateDict]:
-    """Carry out a :func:`plan`: the streaming pass of :func:`synthesize_many`."""
+    """Carry out a :func:`plan`: the streaming pass of :func:`synthesize_many`.
+
+    The floating tensors of a snapshot are seen as one flat vector (in file
+    order) and processed in chunks: a reader thread fills a ``[n_snapshots,
+    chunk]`` float32 buffer with plain positioned reads (no mmap, so the page
+    cache does not count as our memory) while the previous chunk is multiplied
+    into ``[n_targets, n_elements]`` sums by one matrix product. ``progress`` is
+    called with (work done, total work).
+    """
     out_dtype = parse_dtype(dtype)
     dev = torch.device(device if device is not None else "cpu")
     snaps = the_plan.snapshots
-    n_out = len(the_plan.sigma_rels)
-    weights = torch.tensor(the_plan.coefficients.T, dtype=torch.float32, device=dev)  # [n_out, n_in]
     latest = snaps[-1]
-    floating = {k: shape for k, (dt, shape) in latest.tensors.items() if dt in _ITEMSIZE}
-    sums = {k: torch.zeros(n_out, math.prod(shape), dtype=torch.float32, device=dev) for k, shape in floating.items()}
-    total = sum(s.path.stat().st_size for s in snaps)
-    done = 0
-    for start in range(0, len(snaps), _MAX_OPEN):
-        batch = snaps[start : start + _MAX_OPEN]
-        handles = [_open(info, "cpu") for info in batch]
-        w = weights[:, start : start + len(batch)]
-        for key, shape in floating.items():
-            _accumulate(sums[key], w, handles, batch, key, shape)
-            done += sum(math.prod(shape) * _ITEMSIZE[info.tensors[key][0]] for info in batch)
-            if progress is not None:
-                progress(done, total)
-    with _open(latest, "cpu") as f:
-        copied = {k: f.get_tensor(k) for k in latest.tensors if k not in floating}
+    keys = sorted((k for k, (dt, _) in latest.tensors.items() if dt in _FLOATING), key=latest.offsets.__getitem__)
+    starts = list(itertools.accumulate((math.prod(latest.tensors[k][1]) for k in keys), initial=0))
+    total = starts[-1]
+    weights = torch.tensor(the_plan.coefficients.T, dtype=torch.float32, device=dev)  # [n_out, n_in]
+    sums = torch.zeros(len(the_plan.sigma_rels), total, dtype=torch.float32, device=dev)
+    work, done = total * len(snaps), 0
+    for first in range(0, len(snaps), _MAX_OPEN):
+        batch = snaps[first : first + _MAX_OPEN]
+        chunk = max(1, _CHUNK_BYTES // (4 * len(batch)))
+        bounds = [(e0, min(total, e0 + chunk)) for e0 in range(0, total, chunk)]
+        buffers = [torch.empty(len(batch), min(chunk, total), dtype=torch.float32) for _ in range(2)]
+        w = weights[:, first : first + len(batch)]
+        with contextlib.ExitStack() as stack, ThreadPoolExecutor(1) as reader:
+            files = [stack.enter_context(_open_raw(info)) for info in batch]
+
+            def fill(n: int) -> torch.Tensor:
+                e0, e1 = bounds[n]
+                buffer = buffers[n % 2][:, : e1 - e0]
+                for row, fd, info in zip(buffer, files, batch):
+                    _read_flat(fd, info, keys, starts, e0, e1, row)
+                return buffer
+
+            pending = reader.submit(fill, 0) if bounds else None
+            for n, (e0, e1) in enumerate(bounds):
+                assert pending is not None
+                x = pending.result().to(dev)  # a copy for a GPU, so the buffer can be refilled
+                if n + 1 < len(bounds):
+                    pending = reader.submit(fill, n + 1)
+                sums[:, e0:e1].addmm_(w, x)
+                done += (e1 - e0) * len(batch)
+                if progress is not None:
+                    progress(done, work)
+    with safe_open(str(latest.path), framework="pt", device="cpu") as f:
+        copied = {k: f.get_tensor(k) for k in latest.tensors if k not in keys}
     result: dict[float, StateDict] = {}
     for j, sigma_rel in enumerate(the_plan.sigma_rels):
-        sd: StateDict = {k: sums[k][j].view(shape).to(out_dtype) for k, shape in floating.items()}
+        sd: StateDict = {
+            k: sums[j, a:b].view(latest.tensors[k][1]).to(out_dtype) for k, a, b in zip(keys, starts, starts[1:])
+        }
         sd.update({k: t.to(dev, copy=True) for k, t in copied.items()})
         result[sigma_rel] = sd
-    if progress is not None:
-        progress(total, total)
     return result
 
 
-# Floating safetensors dtypes, which are averaged, and their sizes in bytes.
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+# Floating safetensors dtypes, which are averaged.
+_FLOATING = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _accumulate(
-    out: torch.Tensor,
-    weights: torch.Tensor,
-    handles: Sequence[safe_open],
-    infos: Sequence[SnapshotInfo],
-    key: str,
-    shape: tuple[int, ...],
+@contextlib.contextmanager
+def _open_raw(info: SnapshotInfo) -> Iterator[int]:
+    try:
+        fd = os.open(info.path, os.O_RDONLY)
+    except OSError as err:
+        raise SnapshotError(f"{info.path}: cannot open snapshot ({err.strerror})") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _read_flat(
+    fd: int, info: SnapshotInfo, keys: Sequence[str], starts: Sequence[int], e0: int, e1: int, out: torch.Tensor
 ) -> None:
-    """``out += weights @ stack(snapshot tensors)``, reading ``key`` in row chunks."""
-    rows = shape[0] if shape else 1
-    row_numel = math.prod(shape[1:]) if shape else 1
-    rows_per_chunk = max(1, _CHUNK_BYTES // (4 * len(handles) * max(row_numel, 1)))
-    buffer = torch.empty(len(handles), min(rows, rows_per_chunk) * row_numel, dtype=torch.float32, device=out.device)
-    for r0 in range(0, rows, rows_per_chunk):
-        r1 = min(rows, r0 + rows_per_chunk)
-        chunk = buffer[:, : (r1 - r0) * row_numel]
-        for i, (f, info) in enumerate(zip(handles, infos)):
-            try:
-                part = f.get_tensor(key) if (not shape or (r0 == 0 and r1 == rows)) else f.get_slice(key)[r0:r1]
-            except Exception as err:
-                raise SnapshotError(f"{info.path}: cannot read tensor {key!r} ({err})") from None
-            chunk[i].copy_(part.reshape(-1))
-        out[:, r0 * row_numel : r1 * row_numel].addmm_(weights, chunk)
+    """Read elements ``[e0, e1)`` of one snapshot's flat floating vector into ``out`` (float32)."""
+    k = bisect.bisect_right(starts, e0) - 1
+    while k < len(keys) and starts[k] < e1:
+        lo, hi = max(e0, starts[k]), min(e1, starts[k + 1])
+        st_dtype = info.tensors[keys[k]][0]
+        torch_dtype = _FLOATING[st_dtype]
+        size = torch_dtype.itemsize
+        position = info.offsets[keys[k]] + (lo - starts[k]) * size
+        # Take in the following tensors stored right after this one in the same
+        # dtype: with the layout the tracker writes, a whole chunk is one read.
+        while (
+            hi == starts[k + 1]
+            and hi < e1
+            and info.tensors[keys[k + 1]][0] == st_dtype
+            and info.offsets[keys[k + 1]] == info.offsets[keys[k]] + (starts[k + 1] - starts[k]) * size
+        ):
+            k += 1
+            hi = min(e1, starts[k + 1])
+        dest = out[lo - e0 : hi - e0]
+        target = dest if torch_dtype == torch.float32 else torch.empty(hi - lo, dtype=torch_dtype)
+        view = memoryview(target.view(torch.uint8).numpy())
+        if os.preadv(fd, [view], position) != len(view):
+            raise SnapshotError(f"{info.path}: file ended while reading {keys[k]!r}; it is truncated")
+        if target is not dest:
+            dest.copy_(target)
+        k += 1
 
 
 def synthesize(

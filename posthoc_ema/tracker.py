@@ -169,7 +169,6 @@ class PostHocEMA:
         self._ema_step = 0  # time of the last EMA update
         self._calls = 0  # update() calls, for update_every
         self._snapshot_step = 0  # time of the last snapshot
-        self._model = model
         self._device = None if device is None else torch.device(device)
         self._build(model, trainable_only=trainable_only, exclude=tuple(exclude))
         self._writer: BackgroundWriter | None = None
@@ -188,7 +187,16 @@ class PostHocEMA:
         if not entries:
             raise ValueError("the model has no tensors to track (check trainable_only and exclude)")
         self._keys = list(entries)
-        self._sources = entries  # key -> the model's tensor, to check it was not replaced
+        self._sources = entries
+        # Parameters keep their identity through model.to(); buffers do not, so
+        # remember where each tracked buffer lives to check it is still there.
+        tracked = {id(t) for t in entries.values()}
+        self._buffer_homes = [
+            (module, name, t)
+            for module in model.modules()
+            for name, t in module._buffers.items()
+            if t is not None and id(t) in tracked
+        ]
         # Tied weights appear under several keys: track each tensor once.
         unique: dict[int, torch.Tensor] = {}
         for t in entries.values():
@@ -304,15 +312,17 @@ class PostHocEMA:
             raise ValueError(f"the model lacks {len(missing)} tracked tensors, e.g. {missing[:3]}")
         return {k: entries[k] for k in self._keys}
 
-    @torch.no_grad()
     def copy_to(self, model: torch.nn.Module, sigma_rel: float) -> None:
         """Load the EMA of ``sigma_rel`` into ``model`` (in its own dtype and device).
 
         Raises:
             ValueError: if ``sigma_rel`` is not tracked or the model lacks a tracked tensor.
         """
-        target = self._target(model)
-        for key, value in self._ema_items(self._index(sigma_rel)):
+        self._load_into(self._target(model), self._index(sigma_rel))
+
+    @torch.no_grad()
+    def _load_into(self, target: dict[str, torch.Tensor], index: int) -> None:
+        for key, value in self._ema_items(index):
             target[key].copy_(value)
 
     @contextlib.contextmanager
@@ -331,26 +341,23 @@ class PostHocEMA:
         """
         target = self._target(model)
         index = self._index(sigma_rel)
-        with torch.no_grad():
-            backup = {k: t.detach().clone() for k, t in target.items()}
-            try:
-                for key, value in self._ema_items(index):
-                    target[key].copy_(value)
-                with torch.enable_grad():
-                    yield model
-            finally:
+        backup = {k: t.detach().clone() for k, t in target.items()}
+        try:
+            self._load_into(target, index)
+            yield model  # in the caller's grad mode
+        finally:
+            with torch.no_grad():
                 for key, saved in backup.items():
                     target[key].copy_(saved)
 
     # -- snapshots ------------------------------------------------------------
 
     def _check_sources(self) -> None:
-        current = _model_entries(self._model)
-        moved = [k for k, t in self._sources.items() if current.get(k) is not t]
+        moved = [name for module, name, t in self._buffer_homes if module._buffers.get(name) is not t]
         if moved:
             raise RuntimeError(
-                f"the model's tensors were replaced since the tracker was created (e.g. {moved[0]!r}), "
-                "as model.to() does to buffers; create PostHocEMA after moving the model"
+                f"the model's buffers were replaced since the tracker was created (e.g. {moved[0]!r}), "
+                "as model.to() does; create PostHocEMA after moving the model"
             )
 
     def snapshot(self) -> list[Path]:
