@@ -56,8 +56,10 @@ StateDict = dict[str, torch.Tensor]
 ERROR_WARNING_THRESHOLD = 0.05
 
 # Bytes of float32 snapshot data gathered for one matrix product (two such
-# buffers exist); bounds the memory used beyond the outputs.
-_CHUNK_BYTES = 32 << 20
+# buffers exist): small enough to stay in cache between the read and the
+# product, with at least _MIN_READ elements per file so reads stay large.
+_CHUNK_BYTES = 2 << 20
+_MIN_READ = 16384
 # Snapshot files open at once; more snapshots are streamed in several passes.
 _MAX_OPEN = 256
 
@@ -109,6 +111,11 @@ class Plan:
         }
 
 
+def _layout(info: SnapshotInfo) -> dict[str, tuple[bool, tuple[int, ...]]]:
+    """Each tensor's name -> (is floating, shape): what snapshots to be combined must share."""
+    return {name: (dtype in _FLOATING, shape) for name, (dtype, shape) in info.tensors.items()}
+
+
 def _check_consistent(snapshots: Sequence[SnapshotInfo]) -> None:
     seen: dict[tuple[int, float], SnapshotInfo] = {}
     for info in snapshots:
@@ -119,19 +126,22 @@ def _check_consistent(snapshots: Sequence[SnapshotInfo]) -> None:
                 "is the folder mixing two runs?"
             )
     first = snapshots[0]
-    layout = {name: shape for name, (_, shape) in first.tensors.items()}
+    reference = _layout(first)
     for info in snapshots[1:]:
-        other = {name: shape for name, (_, shape) in info.tensors.items()}
-        if other != layout:
-            names = sorted(set(layout) ^ set(other))
-            detail = (
-                f"tensor names differ (e.g. {names[0]!r})"
-                if names
-                else "shapes differ (e.g. {0!r}: {1} vs {2})".format(
-                    *next((n, layout[n], other[n]) for n in layout if layout[n] != other[n])
-                )
-            )
-            raise SnapshotError(f"{info.path} does not match {first.path}: {detail}")
+        other = _layout(info)
+        if other == reference:
+            continue
+        names = sorted(set(reference) ^ set(other))
+        if names:
+            detail = f"tensor names differ (e.g. {names[0]!r})"
+        else:
+            name = next(n for n in reference if reference[n] != other[n])
+            (floating, shape), (ref_floating, ref_shape) = other[name], reference[name]
+            if shape != ref_shape:
+                detail = f"tensor {name!r} has shape {shape}, not {ref_shape}"
+            else:
+                detail = f"tensor {name!r} is {'floating' if floating else 'integer'} here, not in the other"
+        raise SnapshotError(f"{info.path} does not match {first.path}: {detail}")
 
 
 def _pick_step(steps: Sequence[int], step: int | None) -> int:
@@ -176,7 +186,7 @@ def plan(
         >>> p.errors  # doctest: +SKIP
         array([0.0004, 0.0061])
     """
-    targets = (float(sigma_rels),) if isinstance(sigma_rels, (int, float)) else tuple(float(s) for s in sigma_rels)
+    targets = tuple(float(s) for s in np.asarray(sigma_rels, dtype=np.float64).reshape(-1))
     if not targets:
         raise ValueError("sigma_rels is empty; give at least one target sigma_rel")
     gammas = profiles.sigma_rel_to_gamma(targets)
@@ -262,8 +272,9 @@ def run(
     order) and processed in chunks: a reader thread fills a ``[n_snapshots,
     chunk]`` float32 buffer with plain positioned reads (no mmap, so the page
     cache does not count as our memory) while the previous chunk is multiplied
-    into ``[n_targets, n_elements]`` sums by one matrix product. ``progress`` is
-    called with (work done, total work).
+    into ``[n_targets, n_elements]`` sums by one matrix product. On the CPU the
+    product runs on one torch thread for the duration of the pass.
+    ``progress`` is called with (work done, total work).
     """
     out_dtype = parse_dtype(dtype)
     dev = torch.device(device if device is not None else "cpu")
@@ -273,15 +284,16 @@ def run(
     starts = list(itertools.accumulate((math.prod(latest.tensors[k][1]) for k in keys), initial=0))
     total = starts[-1]
     weights = torch.tensor(the_plan.coefficients.T, dtype=torch.float32, device=dev)  # [n_out, n_in]
-    sums = torch.zeros(len(the_plan.sigma_rels), total, dtype=torch.float32, device=dev)
+    # Not zeroed: the first batch overwrites (beta=0 ignores what is there), saving a pass over the outputs.
+    sums = torch.empty(len(the_plan.sigma_rels), total, dtype=torch.float32, device=dev)
     work, done = total * len(snaps), 0
     for first in range(0, len(snaps), _MAX_OPEN):
         batch = snaps[first : first + _MAX_OPEN]
-        chunk = max(1, _CHUNK_BYTES // (4 * len(batch)))
+        chunk = max(_MIN_READ, _CHUNK_BYTES // (4 * len(batch)))
         bounds = [(e0, min(total, e0 + chunk)) for e0 in range(0, total, chunk)]
         buffers = [torch.empty(len(batch), min(chunk, total), dtype=torch.float32) for _ in range(2)]
         w = weights[:, first : first + len(batch)]
-        with contextlib.ExitStack() as stack, ThreadPoolExecutor(1) as reader:
+        with contextlib.ExitStack() as stack, ThreadPoolExecutor(1) as reader, _one_torch_thread(dev):
             files = [stack.enter_context(_open_raw(info)) for info in batch]
 
             def fill(n: int) -> torch.Tensor:
@@ -297,7 +309,7 @@ def run(
                 x = pending.result().to(dev)  # a copy for a GPU, so the buffer can be refilled
                 if n + 1 < len(bounds):
                     pending = reader.submit(fill, n + 1)
-                sums[:, e0:e1].addmm_(w, x)
+                sums[:, e0:e1].addmm_(w, x, beta=1.0 if first else 0.0)
                 done += (e1 - e0) * len(batch)
                 if progress is not None:
                     progress(done, work)
@@ -311,6 +323,22 @@ def run(
         sd.update({k: t.to(dev, copy=True) for k, t in copied.items()})
         result[sigma_rel] = sd
     return result
+
+
+@contextlib.contextmanager
+def _one_torch_thread(device: torch.device) -> Iterator[None]:
+    # The pass is a pipeline: one thread reads, one multiplies. The products are
+    # thin ([n_targets, n_snapshots] @ [n_snapshots, chunk]) and memory-bound; a
+    # thread pool competing with the reader made them several times slower.
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # Floating safetensors dtypes, which are averaged.
