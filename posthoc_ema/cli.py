@@ -1,0 +1,681 @@
+"""The ``posthoc-ema`` command: synthesize EMAs from a folder of snapshots, and inspect it.
+
+A thin layer over :mod:`posthoc_ema.synthesize` and :mod:`posthoc_ema.snapshots`:
+it parses the command line, calls the library and prints. Library errors
+become one ``error: ...`` line on stderr and exit code 1; bad usage exits with 2.
+
+Example:
+    .. code-block:: console
+
+        $ posthoc-ema info ckpts
+        $ posthoc-ema synthesize ckpts --sigma-rel 0.15 -o ema.safetensors
+        $ posthoc-ema synthesize ckpts --sigma-rel 0.05:0.25:0.01 -o emas/ --dry-run
+        $ posthoc-ema sweep ckpts --sigma-rel 0.02:0.25:0.01 --eval "python eval.py {weights}" -o sweep/
+        $ posthoc-ema plot ckpts --sigma-rel 0.15 -o profile.png
+"""
+
+from __future__ import annotations
+
+import contextlib
+import decimal
+import enum
+import itertools
+import json
+import math
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from posthoc_ema._version import __version__
+from posthoc_ema.plots import plot_error_curve, plot_profile, plot_sweep
+from posthoc_ema.snapshots import SUFFIX, TMP_SUFFIX, SnapshotError, SnapshotInfo, read_info
+from posthoc_ema.sweep import RESULTS_CSV, RESULTS_JSON, SweepRow, command_sweep
+from posthoc_ema.synthesize import ERROR_WARNING_THRESHOLD, Plan, PoorReconstructionWarning, plan, run, save
+
+__all__ = ["app", "main", "parse_sigma_rels"]
+
+app = typer.Typer(
+    name="posthoc-ema",
+    help="Choose your EMA after training: synthesize power-function EMAs (EDM2) from snapshots.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+#: Most targets one --sigma-rel range may expand to; more is surely a typo.
+MAX_TARGETS = 10_000
+
+
+class Device(str, enum.Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class OutputDtype(str, enum.Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+# -- shared by the commands ------------------------------------------------------
+
+
+def _number(text: str, whole: str) -> decimal.Decimal:
+    try:
+        value = decimal.Decimal(text.strip())
+    except decimal.InvalidOperation:
+        raise ValueError(f"{whole!r} is not a number or a range START:STOP:STEP (e.g. 0.05:0.25:0.01)") from None
+    if not value.is_finite():
+        raise ValueError(f"{whole!r} is not a finite number")
+    return value
+
+
+def parse_sigma_rels(values: Iterable[str]) -> list[float]:
+    """Target sigma_rels from ``--sigma-rel`` values: numbers and ``START:STOP:STEP`` ranges.
+
+    A range includes STOP when it lies on the grid. It is computed in decimal
+    arithmetic, so ``0.05:0.25:0.01`` gives exactly the floats ``0.05, 0.06, ..., 0.25``
+    that typing each number would. Repeated targets are kept once, in order.
+    Whether each value is a valid sigma_rel is left to the library.
+
+    Raises:
+        ValueError: for a malformed number or range.
+
+    Example:
+        >>> parse_sigma_rels(["0.1:0.3:0.1", "0.05"])
+        [0.1, 0.2, 0.3, 0.05]
+    """
+    targets: list[float] = []
+    for text in values:
+        parts = text.split(":")
+        if len(parts) == 1:
+            targets.append(float(_number(parts[0], text)))
+            continue
+        if len(parts) != 3:
+            raise ValueError(f"{text!r} is not a number or a range START:STOP:STEP (e.g. 0.05:0.25:0.01)")
+        start, stop, step = (_number(p, text) for p in parts)
+        if step <= 0:
+            raise ValueError(f"{text!r}: the step of a range must be positive")
+        if stop < start:
+            raise ValueError(f"{text!r}: the range is empty (STOP is below START)")
+        count = int((stop - start) / step) + 1  # exact in decimal: STOP is kept when on the grid
+        if count > MAX_TARGETS:
+            raise ValueError(f"{text!r} gives {count} targets; at most {MAX_TARGETS} are allowed")
+        targets.extend(float(start + i * step) for i in range(count))
+    return list(dict.fromkeys(targets))
+
+
+def _sigma_rels_option(values: list[str] | None) -> list[float]:
+    try:
+        return parse_sigma_rels(values or [])
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        where = err.filename if err.filename is not None else ""
+        return f"{where}: {err.strerror}" if where else err.strerror
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+@contextlib.contextmanager
+def _library_errors() -> Iterator[None]:
+    """Turn a library error into one ``error:`` line on stderr and exit code 1."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, BrokenPipeError):
+        raise  # BrokenPipeError: typer exits quietly when the reader of our output goes away
+    except (ValueError, OSError, RuntimeError, MemoryError) as err:
+        typer.secho(f"error: {_one_line(err)}", fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
+@contextlib.contextmanager
+def _shown_warnings() -> Iterator[None]:
+    """Show a PoorReconstructionWarning as a ``warning:`` line instead of Python's warning output."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PoorReconstructionWarning)
+            yield
+    finally:
+        for w in caught:
+            if issubclass(w.category, PoorReconstructionWarning):
+                typer.secho(f"warning: {_one_line(Exception(w.message))}", fg="yellow", err=True)
+            else:  # not ours to format: hand it back to the warnings machinery
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _interactive() -> bool:
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def _progress_bar(description: str) -> Iterator[Any]:
+    """A ``progress(done, total)`` callback drawing a bar on stderr; silent unless both streams are terminals."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=not _interactive(),
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.3g}%"
+
+
+def _size(n_bytes: int) -> str:
+    size = float(n_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> list[str]:
+    """Columns two spaces apart, aligned left (``"l"``) or right (``"r"``) as ``align`` says."""
+    rows = [list(header), *map(list, rows)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for row in rows:
+        cells = [c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align, strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _print_report(the_plan: Plan) -> None:
+    steps = sorted({s.step for s in the_plan.snapshots})
+    tracked = ", ".join(map(_fmt, the_plan.tracked_sigma_rels))
+    typer.echo(
+        f"reconstructing step {the_plan.step} from {len(the_plan.snapshots)} snapshots "
+        f"(steps {steps[0]}..{steps[-1]}, sigma_rels {tracked})"
+    )
+    rows = []
+    for j, sigma_rel in enumerate(the_plan.sigma_rels):
+        err = float(the_plan.errors[j])
+        notes = []
+        if the_plan.outside[j]:
+            notes.append("outside the tracked range")
+        if err > ERROR_WARNING_THRESHOLD:
+            notes.append("POOR")
+        gamma, norm = float(the_plan.gammas[j]), float(the_plan.coefficient_norms[j])
+        rows.append([_fmt(sigma_rel), f"{gamma:.4g}", _percent(err), f"{norm:.4g}", ", ".join(notes)])
+    for line in _table(["sigma_rel", "gamma", "predicted error", "coef norm", ""], rows, "lrrrl"):
+        typer.echo(line)
+
+
+def _print_coefficients(the_plan: Plan) -> None:
+    typer.echo("")
+    typer.echo("coefficients (a column per target, summing to 1; a row per snapshot):")
+    header = ["step", "sigma_rel", *(_fmt(s) for s in the_plan.sigma_rels)]
+    body = (
+        [str(snap.step), _fmt(snap.sigma_rel), *(f"{c:.6f}".replace("-0.000000", "0.000000") for c in row)]
+        for snap, row in zip(the_plan.snapshots, the_plan.coefficients, strict=True)
+    )
+    for line in _table(header, body, "r" * len(header)):
+        typer.echo(line)
+
+
+def _default_name(sigma_rel: float, step: int) -> str:
+    return f"ema-{sigma_rel!r}-{step}{SUFFIX}"
+
+
+def _output_paths(output: Path | None, the_plan: Plan) -> list[Path]:
+    names = [_default_name(s, the_plan.step) for s in the_plan.sigma_rels]
+    if len(names) == 1 and (output is None or not output.is_dir()):
+        return [output if output is not None else Path(names[0])]
+    folder = output if output is not None else Path(".")
+    return [folder / name for name in names]
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"posthoc-ema {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Choose your EMA after training: synthesize power-function EMAs (EDM2) from snapshots."""
+
+
+@app.command()
+def synthesize(
+    ckpt_dir: Annotated[
+        Path, typer.Argument(help="Folder of snapshots written by PostHocEMA.", metavar="CKPT_DIR", show_default=False)
+    ],
+    sigma_rel: Annotated[
+        list[str],
+        typer.Option(
+            "--sigma-rel",
+            "-s",
+            metavar="SIGMA_REL",
+            help="Target sigma_rel; repeat it, or give a range START:STOP:STEP (STOP included when on the grid).",
+            callback=_sigma_rels_option,
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="PATH",
+            help="Output file (one target) or folder (several targets). Default: ema-SIGMA-STEP.safetensors, here.",
+            show_default=False,
+        ),
+    ] = None,
+    step: Annotated[
+        int | None,
+        typer.Option(min=1, help="Snapshot step to reconstruct at. Default: the latest.", show_default=False),
+    ] = None,
+    device: Annotated[Device, typer.Option(help="Where to accumulate.")] = Device.cpu,
+    dtype: Annotated[OutputDtype, typer.Option(help="Dtype of the floating tensors written.")] = OutputDtype.float32,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan and the coefficients; read and write no tensors.")
+    ] = False,
+) -> None:
+    """Synthesize the EMA of each target sigma_rel and write it as a safetensors file.
+
+    The quality report (predicted error of each reconstructed profile, ...) is
+    always printed; a warning line marks targets the snapshots reproduce poorly.
+    """
+    targets: list[float] = sigma_rel  # type: ignore[assignment]  # converted by the callback
+    if len(targets) > 1 and output is not None and output.exists() and not output.is_dir():
+        raise typer.BadParameter(
+            f"{output} is a file; with {len(targets)} targets -o must be a folder (one file per target)",
+            param_hint="'-o' / '--output'",
+        )
+    with _library_errors():
+        if device is Device.cuda:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda: no CUDA device is available to PyTorch")
+        with _shown_warnings():
+            the_plan = plan(ckpt_dir, targets, step=step)
+            _print_report(the_plan)
+        if dry_run:
+            _print_coefficients(the_plan)
+            return
+        paths = _output_paths(output, the_plan)
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with _progress_bar("synthesizing") as progress:
+            state_dicts = run(the_plan, device=device.value, dtype=dtype.value, progress=progress)
+        for index, (target, path) in enumerate(zip(the_plan.sigma_rels, paths, strict=True)):
+            save(path, state_dicts[target], the_plan, index)
+            typer.echo(f"wrote {path}")
+
+
+def _describe(folder: Path) -> dict[str, Any]:
+    """What ``info`` reports: a JSON-ready summary of a snapshot folder, oddities included."""
+    if not folder.is_dir():
+        raise SnapshotError(f"{folder}: no such snapshot folder")
+    snapshots: list[SnapshotInfo] = []
+    corrupt: list[dict[str, str]] = []
+    others: list[str] = []
+    for path in sorted(folder.glob(f"*{SUFFIX}")):
+        try:
+            info = read_info(path)
+        except SnapshotError as err:
+            corrupt.append({"file": path.name, "error": _one_line(err)})
+            continue
+        if info is None:
+            others.append(path.name)
+        else:
+            snapshots.append(info)
+    if not snapshots and not corrupt:
+        raise SnapshotError(f"{folder}: no snapshots (no .safetensors file with posthoc-ema snapshot metadata)")
+    snapshots.sort(key=lambda i: (i.step, i.sigma_rel))
+    tmp_files = sorted(p.name for p in folder.glob(f"*{TMP_SUFFIX}"))
+    oddities = [c["error"] for c in corrupt]
+    if tmp_files:
+        oddities.append(
+            f"{len(tmp_files)} leftover temporary file(s) from interrupted writes (safe to delete): "
+            + ", ".join(tmp_files[:5])
+            + (", ..." if len(tmp_files) > 5 else "")
+        )
+    summary: dict[str, Any] = {
+        "folder": str(folder),
+        "snapshots": len(snapshots),
+        "size_bytes": sum(i.path.stat().st_size for i in snapshots),
+        "steps": None,
+        "sigma_rels": {},
+        "dtypes": {},
+        "update_every": {},
+        "library_versions": {},
+        "tensors": 0,
+        "parameters": 0,
+        "other_files": others,
+        "tmp_files": tmp_files,
+        "corrupt_files": corrupt,
+        "oddities": oddities,
+    }
+    if not snapshots:
+        return summary
+    steps = sorted({i.step for i in snapshots})
+    gaps = Counter(b - a for a, b in itertools.pairwise(steps))
+    spacing = gaps.most_common(1)[0][0] if gaps else None
+    summary["steps"] = {"first": steps[0], "last": steps[-1], "count": len(steps), "spacing": spacing}
+    by_sigma = Counter(i.sigma_rel for i in snapshots)
+    summary["sigma_rels"] = {repr(s): n for s, n in sorted(by_sigma.items())}
+    attributes = (("dtypes", "dtype"), ("update_every", "update_every"), ("library_versions", "library_version"))
+    for key, attribute in attributes:
+        counts = Counter(str(getattr(i, attribute)) for i in snapshots)
+        summary[key] = dict(sorted(counts.items()))
+        if len(counts) > 1:
+            listed = ", ".join(f"{value} ({n})" for value, n in sorted(counts.items()))
+            oddities.append(f"mixed {attribute.replace('_', ' ')}: {listed}")
+    latest = snapshots[-1]
+    summary["tensors"] = len(latest.tensors)
+    summary["parameters"] = sum(
+        math.prod(shape) for dt, shape in latest.tensors.values() if dt in ("F64", "F32", "F16", "BF16")
+    )
+    odd_gaps = [(a, b) for a, b in itertools.pairwise(steps) if b - a != spacing]
+    if odd_gaps:
+        shown = ", ".join(f"{a}->{b}" for a, b in odd_gaps[:3]) + (", ..." if len(odd_gaps) > 3 else "")
+        oddities.append(f"irregular spacing: {len(odd_gaps)} of {len(steps) - 1} gaps differ from {spacing} ({shown})")
+    at_step: dict[int, list[SnapshotInfo]] = {}
+    for info in snapshots:
+        at_step.setdefault(info.step, []).append(info)
+    missing = [(s, sorted(set(by_sigma) - {i.sigma_rel for i in infos})) for s, infos in at_step.items()]
+    missing = [(s, m) for s, m in missing if m]
+    for s, lacking in missing[:5]:
+        oddities.append(f"step {s} lacks sigma_rel {', '.join(map(_fmt, lacking))}")
+    if len(missing) > 5:
+        oddities.append(f"... {len(missing) - 5} more steps lack a sigma_rel")
+    for (s, sigma), n in sorted(Counter((i.step, i.sigma_rel) for i in snapshots).items()):
+        if n > 1:
+            oddities.append(f"step {s}, sigma_rel {_fmt(sigma)} has {n} snapshots: is the folder mixing two runs?")
+    layout = {k: shape for k, (_, shape) in latest.tensors.items()}
+    differ = [i.path.name for i in snapshots if {k: shape for k, (_, shape) in i.tensors.items()} != layout]
+    if differ:
+        oddities.append(
+            f"{len(differ)} snapshot(s) hold other tensor names or shapes than the latest, e.g. {differ[0]}"
+        )
+    return summary
+
+
+def _print_info(summary: dict[str, Any]) -> None:
+    rows: list[tuple[str, str]] = [("folder", summary["folder"])]
+    n = summary["snapshots"]
+    steps = summary["steps"]
+    if steps is not None:
+        spacing = f", every {steps['spacing']}" if steps["spacing"] is not None else ""
+        rows += [
+            ("snapshots", f"{n} files, {_size(summary['size_bytes'])} ({_size(summary['size_bytes'] // n)} each)"),
+            ("steps", f"{steps['first']} .. {steps['last']}: {steps['count']} steps{spacing}"),
+            ("sigma_rels", ", ".join(f"{_fmt(float(s))} ({k})" for s, k in summary["sigma_rels"].items())),
+            ("stored dtype", ", ".join(summary["dtypes"])),
+            ("tensors", f"{summary['tensors']} ({summary['parameters']:,} floating values averaged)"),
+            ("update_every", ", ".join(summary["update_every"])),
+            ("written by", ", ".join(f"posthoc-ema {v}" for v in summary["library_versions"])),
+        ]
+    else:
+        rows.append(("snapshots", "none readable"))
+    if summary["other_files"]:
+        count = len(summary["other_files"])
+        rows.append(("other files", f"{count} .safetensors file(s) that are not snapshots (ignored)"))
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        typer.echo(f"{label.ljust(width)}  {value}")
+    oddities = summary["oddities"]
+    typer.echo(f"{'oddities'.ljust(width)}  {'none' if not oddities else len(oddities)}")
+    for line in oddities:
+        typer.echo(f"  - {line}")
+
+
+@app.command()
+def info(
+    ckpt_dir: Annotated[Path, typer.Argument(help="Folder of snapshots.", metavar="CKPT_DIR", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of text.")] = False,
+) -> None:
+    """Summarize a snapshot folder: steps, sigma_rels, size, dtypes, and anything odd."""
+    with _library_errors():
+        summary = _describe(ckpt_dir)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        _print_info(summary)
+
+
+# -- sweep and plot -----------------------------------------------------------------
+
+
+def _range_option(value: str | None) -> list[float] | None:
+    return None if value is None else _sigma_rels_option([value])
+
+
+def _print_row(row: SweepRow) -> None:
+    """One line per evaluated target as the sweep goes; a failure on stderr with the command's stderr."""
+    if row.ok:
+        values = "  ".join(f"{name}={value:.6g}" for name, value in row.metrics.items())
+        typer.echo(f"sigma_rel={_fmt(row.sigma_rel)}  {values}  (predicted error {_percent(row.predicted_error)})")
+        return
+    first, *rest = (row.failure or "failed").splitlines()
+    typer.secho(f"failed: sigma_rel={_fmt(row.sigma_rel)}: {first}", fg="red", err=True)
+    for line in rest:
+        typer.echo(f"    {line}", err=True)
+
+
+def _plot_or_say(draw: Any, *args: Any) -> bool:
+    """Draw a figure; when matplotlib is missing, say so in one line and go on."""
+    try:
+        draw(*args)
+    except ImportError as err:
+        typer.echo(f"no plot: {_one_line(err)}")
+        return False
+    return True
+
+
+@app.command("sweep")
+def sweep_command(
+    ckpt_dir: Annotated[
+        Path, typer.Argument(help="Folder of snapshots written by PostHocEMA.", metavar="CKPT_DIR", show_default=False)
+    ],
+    sigma_rel: Annotated[
+        list[str],
+        typer.Option(
+            "--sigma-rel",
+            "-s",
+            metavar="SIGMA_REL",
+            help="Target sigma_rel; repeat it, or give a range START:STOP:STEP (STOP included when on the grid).",
+            callback=_sigma_rels_option,
+            show_default=False,
+        ),
+    ],
+    eval_command: Annotated[
+        str,
+        typer.Option(
+            "--eval",
+            "-e",
+            metavar="COMMAND",
+            help="Evaluation command, {weights} standing for the synthesized file, e.g. 'python eval.py {weights}'. "
+            "Its last line of stdout is the result: a number or a JSON object of numbers.",
+            show_default=False,
+        ),
+    ],
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            help="Metric to rank by: a key of the JSON object, or the name given to a bare number. "
+            "Default: the first key (a number is called 'metric').",
+            show_default=False,
+        ),
+    ] = None,
+    maximize: Annotated[
+        bool, typer.Option("--maximize/--minimize", help="Whether larger values of the metric are better.")
+    ] = False,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="DIR",
+            help="Folder for the synthesized files, results.json, results.csv and sweep.png. "
+            "Run again with the same folder to resume: targets already evaluated are skipped.",
+        ),
+    ] = Path("sweep"),
+    step: Annotated[
+        int | None,
+        typer.Option(min=1, help="Snapshot step to reconstruct at. Default: the latest.", show_default=False),
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds each evaluation may take (it is killed after).", show_default=False),
+    ] = None,
+    keep_weights: Annotated[
+        bool,
+        typer.Option("--keep-weights/--delete-weights", help="Keep each synthesized file after its evaluation."),
+    ] = True,
+    device: Annotated[Device, typer.Option(help="Where to accumulate.")] = Device.cpu,
+) -> None:
+    """Synthesize each target, evaluate it with a command, and tabulate the results.
+
+    Results are saved after every target, so an interrupted sweep loses nothing;
+    a failed evaluation is reported with its stderr and retried on the next run.
+    Exits with 1 if any evaluation failed.
+    """
+    targets: list[float] = sigma_rel  # type: ignore[assignment]  # converted by the callback
+    with _library_errors(), _shown_warnings():
+        result = command_sweep(
+            ckpt_dir,
+            targets,
+            eval_command,
+            output,
+            metric=metric,
+            maximize=maximize,
+            step=step,
+            timeout=timeout,
+            keep_weights=keep_weights,
+            device=device.value,
+            on_row=_print_row,
+            on_skip=lambda done: typer.echo(
+                f"{output / RESULTS_JSON}: {len(done)} of {len(targets)} targets already evaluated; skipping them"
+            ),
+        )
+    typer.echo("")
+    typer.echo(result.format_table())
+    typer.echo(f"wrote {output / RESULTS_JSON}, {output / RESULTS_CSV}")
+    ranked = [r for r in result.rows if math.isfinite(r.metrics.get(result.metric, math.nan))]
+    if ranked:
+        best = result.best
+        direction = "highest" if maximize else "lowest"
+        typer.echo(
+            f"best: sigma_rel={_fmt(best.sigma_rel)} ({direction} {result.metric}={best.metrics[result.metric]:.6g})"
+        )
+        with _library_errors():
+            if _plot_or_say(plot_sweep, result, output / "sweep.png"):
+                typer.echo(f"wrote {output / 'sweep.png'}")
+    failed = [r for r in result.rows if not r.ok]
+    if failed:
+        typer.secho(
+            f"error: {len(failed)} of {len(result.rows)} evaluations failed "
+            f"(sigma_rel {', '.join(_fmt(r.sigma_rel) for r in failed)}); run the same command again to retry them",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
+@app.command("plot")
+def plot_command(
+    ckpt_dir: Annotated[Path, typer.Argument(help="Folder of snapshots.", metavar="CKPT_DIR", show_default=False)],
+    sigma_rel: Annotated[
+        float | None,
+        typer.Option(
+            "--sigma-rel",
+            "-s",
+            metavar="SIGMA_REL",
+            help="Draw the profile of this target: the target, its reconstruction and the weighted snapshots.",
+            show_default=False,
+        ),
+    ] = None,
+    error_curve: Annotated[
+        str | None,
+        typer.Option(
+            "--error-curve",
+            metavar="START:STOP:STEP",
+            help="Instead, draw the predicted reconstruction error across this sigma_rel range.",
+            callback=_range_option,
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="Image file (.png, .pdf, .svg). Default: profile-SIGMA.png or error-curve.png, here.",
+            show_default=False,
+        ),
+    ] = None,
+    step: Annotated[
+        int | None,
+        typer.Option(min=1, help="Snapshot step to reconstruct at. Default: the latest.", show_default=False),
+    ] = None,
+) -> None:
+    """Draw a reconstructed EMA profile (--sigma-rel) or the predicted error across sigma_rel (--error-curve)."""
+    grid: list[float] | None = error_curve  # type: ignore[assignment]  # converted by the callback
+    if (sigma_rel is None) == (grid is None):
+        raise typer.BadParameter(
+            "give either --sigma-rel or --error-curve", param_hint="'--sigma-rel' / '--error-curve'"
+        )
+    with _library_errors():
+        try:
+            if grid is not None:
+                path = output if output is not None else Path("error-curve.png")
+                plot_error_curve(ckpt_dir, grid, path, step=step)
+            elif sigma_rel is not None:
+                path = output if output is not None else Path(f"profile-{sigma_rel!r}.png")
+                with _shown_warnings():
+                    the_plan = plan(ckpt_dir, sigma_rel, step=step)
+                plot_profile(the_plan, 0, path)
+        except ImportError as err:
+            typer.secho(f"error: {_one_line(err)}", fg="red", err=True)
+            raise typer.Exit(1) from None
+    typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    """Entry point of the ``posthoc-ema`` console script."""
+    app(prog_name="posthoc-ema")
+
+
+if __name__ == "__main__":
+    main()
