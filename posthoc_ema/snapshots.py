@@ -11,13 +11,14 @@ never leaves a partial file under a final name. Listing skips ``*.tmp``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,18 +26,17 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from posthoc_ema._version import __version__
-
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "BackgroundWriter",
     "SnapshotError",
     "SnapshotInfo",
+    "atomic_path",
     "list_snapshots",
     "read_info",
     "snapshot_name",
     "write_atomic",
-    "BackgroundWriter",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,19 @@ SYNTHESIZED_FORMAT = "posthoc-ema/synthesized"
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
 TMP_SUFFIX = ".tmp"
+
+#: Safetensors names of floating dtypes (the tensors that are averaged) and their torch dtypes.
+FLOATING_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+#: Bytes per element of each safetensors dtype.
+ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+}  # fmt: skip
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -230,19 +243,19 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """Write a safetensors file so that it appears whole under ``path`` or not at all.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path`` whole, durably.
 
-    The bytes go to ``path + ".tmp"``, are flushed to disk, then renamed over
-    ``path``; the folder is fsynced so the rename survives a power loss.
-
-    Raises:
-        OSError: if writing fails; the temporary file is removed.
+    The file written to ``path + ".tmp"`` is fsynced, renamed over ``path`` with
+    ``os.replace`` and the folder fsynced, so ``path`` holds either its old
+    content or the complete new one, even after a crash or power loss. On an
+    error the temporary file is removed.
     """
     path = Path(path)
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
-        save_file(dict(tensors), tmp, metadata=dict(metadata))
+        yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -250,6 +263,16 @@ def write_atomic(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tenso
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def write_atomic(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file so that it appears whole under ``path`` or not at all (see :func:`atomic_path`).
+
+    Raises:
+        OSError: if writing fails; the temporary file is removed.
+    """
+    with atomic_path(path) as tmp:
+        save_file(dict(tensors), tmp, metadata=dict(metadata))
 
 
 class SnapshotWriteError(OSError):

@@ -24,8 +24,7 @@ import os
 import shlex
 import shutil
 import subprocess
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,15 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from posthoc_ema.snapshots import parse_dtype
+from posthoc_ema.snapshots import FLOATING_DTYPES, ITEMSIZE, atomic_path, parse_dtype
 from posthoc_ema.synthesize import (
-    ERROR_WARNING_THRESHOLD,
     Plan,
-    PoorReconstructionWarning,
     StateDict,
     plan,
     run,
     save,
+    target_key,
 )
 
 __all__ = [
@@ -222,7 +220,7 @@ class SweepResult:
                     r.weights or "",
                 ]
             )
-        _write_text_atomic(Path(path), buffer.getvalue())
+        _write_text(Path(path), buffer.getvalue())
 
     def to_dict(self) -> dict[str, Any]:
         """The result as plain JSON-ready data (non-finite numbers become None)."""
@@ -248,7 +246,7 @@ class SweepResult:
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_dict` as JSON; :meth:`from_json` reads it back."""
-        _write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        _write_text(Path(path), json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> SweepResult:
@@ -302,17 +300,9 @@ def _json_number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")
 
 
 def _as_float(value: Any, what: str) -> float:
@@ -337,11 +327,6 @@ def _as_metrics(value: Any, metric: str | None) -> dict[str, float]:
 
 # -- the sweep ------------------------------------------------------------------
 
-# Safetensors dtypes that are averaged (accumulated in float32), and sizes of the others.
-_FLOATING = frozenset({"F64", "F32", "F16", "BF16"})
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2}
-
-
 def target_bytes(the_plan: Plan, dtype: torch.dtype | str = torch.float32) -> int:
     """Bytes one synthesized target of ``the_plan`` holds in memory, from the snapshots' headers.
 
@@ -353,7 +338,7 @@ def target_bytes(the_plan: Plan, dtype: torch.dtype | str = torch.float32) -> in
     total = 0
     for dt, shape in the_plan.snapshots[-1].tensors.values():
         numel = math.prod(shape)
-        total += numel * (4 + cast_size if dt in _FLOATING else _ITEMSIZE.get(dt, 1))
+        total += numel * (4 + cast_size if dt in FLOATING_DTYPES else ITEMSIZE.get(dt, 1))
     return total
 
 
@@ -366,54 +351,6 @@ def _batch_size(the_plan: Plan, dtype: torch.dtype, batch_size: int | None, memo
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"memory_budget={budget!r} is not a positive number of bytes")
     return max(1, budget // max(1, target_bytes(the_plan, dtype)))
-
-
-def _subplan(the_plan: Plan, index: Sequence[int]) -> Plan:
-    idx = np.asarray(index, dtype=np.intp)
-    return replace(
-        the_plan,
-        sigma_rels=tuple(the_plan.sigma_rels[i] for i in index),
-        gammas=the_plan.gammas[idx],
-        coefficients=the_plan.coefficients[:, idx],
-        errors=the_plan.errors[idx],
-        coefficient_norms=the_plan.coefficient_norms[idx],
-        outside=the_plan.outside[idx],
-    )
-
-
-def _quiet_plan(snapshot_dir: str | os.PathLike[str], sigma_rels: Sequence[float], step: int | None) -> Plan:
-    """:func:`plan`, with one warning for all poorly reconstructed targets instead of one each."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PoorReconstructionWarning)
-        the_plan = plan(snapshot_dir, sigma_rels, step=step)
-    poor = [s for s, e in zip(the_plan.sigma_rels, the_plan.errors, strict=True) if e > ERROR_WARNING_THRESHOLD]
-    if poor:
-        listed = ", ".join(f"{s:.4g}" for s in poor)
-        verb = "has" if len(poor) == 1 else "have"
-        warnings.warn(
-            f"{len(poor)} of {len(the_plan.sigma_rels)} targets (sigma_rel {listed}) {verb} a predicted "
-            f"reconstruction error above {ERROR_WARNING_THRESHOLD:.0%}: their EMAs average the run "
-            "differently from the sigma_rel they are labelled with (see the predicted_error column)",
-            PoorReconstructionWarning,
-            stacklevel=3,
-        )
-    return the_plan
-
-
-def _targets(sigma_rels: float | Iterable[float]) -> tuple[float, ...]:
-    targets = (float(sigma_rels),) if isinstance(sigma_rels, (int, float)) else tuple(float(s) for s in sigma_rels)
-    if not targets:
-        raise ValueError("sigma_rels is empty; give at least one target sigma_rel")
-    keys = [_key(s) for s in targets]
-    if len(set(keys)) != len(keys):
-        repeated = next(s for s, k in zip(targets, keys, strict=True) if keys.count(k) > 1)
-        raise ValueError(f"sigma_rels repeats sigma_rel={repeated!r}")
-    return targets
-
-
-def _key(sigma_rel: float) -> str:
-    # Targets closer than float noise (0.07 vs 0.07000000000000001) are the same target.
-    return f"{sigma_rel:.9g}"
 
 
 def _run_plan(
@@ -433,7 +370,7 @@ def _run_plan(
         index = list(range(start, min(n, start + batch)))
         if len(index) < n:
             log.info("synthesizing targets %d-%d of %d", index[0] + 1, index[-1] + 1, n)
-        outputs = run(_subplan(the_plan, index), device=device, dtype=dtype)
+        outputs = run(the_plan.subset(index), device=device, dtype=dtype)
         for i in index:
             sigma_rel = the_plan.sigma_rels[i]
             state_dict = outputs.pop(sigma_rel)
@@ -525,8 +462,7 @@ def sweep(
         >>> result.best.sigma_rel  # doctest: +SKIP
         0.13
     """
-    targets = _targets(sigma_rels)
-    the_plan = _quiet_plan(snapshot_dir, targets, step)
+    the_plan = plan(snapshot_dir, sigma_rels, step=step)
     out_dtype = parse_dtype(dtype)
     return _run_plan(
         the_plan,
@@ -717,16 +653,16 @@ def command_sweep(
         raise ValueError(f"timeout={timeout!r} is not a positive number of seconds")
     if shutil.which(argv[0]) is None:
         raise ValueError(f"the evaluation command's program {argv[0]!r} is not found (not a file, not on PATH)")
-    targets = _targets(sigma_rels)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Plan every requested target, so the step and tracked range are known before anything runs.
-    the_plan = _quiet_plan(snapshot_dir, targets, step)
+    the_plan = plan(snapshot_dir, sigma_rels, step=step)
+    targets = the_plan.sigma_rels
     earlier = _earlier_rows(out / RESULTS_JSON, the_plan.step)
     done = {k for k, r in earlier.items() if r.ok}
-    todo = [i for i, s in enumerate(the_plan.sigma_rels) if _key(s) not in done]
+    todo = [i for i, s in enumerate(the_plan.sigma_rels) if target_key(s) not in done]
     if len(todo) < len(targets):
-        skipped = [s for s in the_plan.sigma_rels if _key(s) in done]
+        skipped = [s for s in the_plan.sigma_rels if target_key(s) in done]
         log.info("%s: %d of %d targets already evaluated; skipping them", out, len(skipped), len(targets))
         if on_skip is not None:
             on_skip(skipped)
@@ -758,7 +694,7 @@ def command_sweep(
     def record(row: SweepRow) -> None:
         path = out / weights_name(row.sigma_rel, the_plan.step)
         row = replace(row, weights=str(path) if keep_weights else None)
-        rows[_key(row.sigma_rel)] = row
+        rows[target_key(row.sigma_rel)] = row
         current = result()
         current.to_json(out / RESULTS_JSON)
         current.to_csv(out / RESULTS_CSV)
@@ -767,7 +703,7 @@ def command_sweep(
 
     if todo:
         out_dtype = parse_dtype(dtype)
-        sub = _subplan(the_plan, todo)
+        sub = the_plan.subset(todo)
         _run_plan(
             sub,
             evaluate_at,
@@ -793,4 +729,4 @@ def _earlier_rows(path: Path, step: int) -> dict[str, SweepRow]:
             f"{path} holds results synthesized at step {previous.step}, the snapshots now give step {step}; "
             "choose another output folder or remove it to start afresh"
         )
-    return {_key(r.sigma_rel): r for r in previous.rows}
+    return {target_key(r.sigma_rel): r for r in previous.rows}

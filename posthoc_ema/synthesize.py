@@ -16,7 +16,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from safetensors import safe_open
 from posthoc_ema import profiles
 from posthoc_ema._version import __version__
 from posthoc_ema.snapshots import (
+    FLOATING_DTYPES,
     SYNTHESIZED_FORMAT,
     SnapshotError,
     SnapshotInfo,
@@ -97,6 +98,19 @@ class Plan:
         """The sigma_rels of the snapshots used."""
         return tuple(sorted({s.sigma_rel for s in self.snapshots}))
 
+    def subset(self, index: Sequence[int]) -> Plan:
+        """The plan of targets ``index`` only (same snapshots and step)."""
+        idx = np.asarray(index, dtype=np.intp)
+        return replace(
+            self,
+            sigma_rels=tuple(self.sigma_rels[i] for i in index),
+            gammas=self.gammas[idx],
+            coefficients=self.coefficients[:, idx],
+            errors=self.errors[idx],
+            coefficient_norms=self.coefficient_norms[idx],
+            outside=self.outside[idx],
+        )
+
     def metadata(self, index: int) -> dict[str, str]:
         """Safetensors metadata describing target ``index``."""
         return {
@@ -111,9 +125,14 @@ class Plan:
         }
 
 
+def target_key(sigma_rel: float) -> str:
+    """A target's identity: sigma_rels closer than float noise (0.07 vs 0.07000000000000001) are one target."""
+    return f"{sigma_rel:.9g}"
+
+
 def _layout(info: SnapshotInfo) -> dict[str, tuple[bool, tuple[int, ...]]]:
     """Each tensor's name -> (is floating, shape): what snapshots to be combined must share."""
-    return {name: (dtype in _FLOATING, shape) for name, (dtype, shape) in info.tensors.items()}
+    return {name: (dtype in FLOATING_DTYPES, shape) for name, (dtype, shape) in info.tensors.items()}
 
 
 def _check_consistent(snapshots: Sequence[SnapshotInfo]) -> None:
@@ -189,6 +208,10 @@ def plan(
     targets = tuple(float(s) for s in np.asarray(sigma_rels, dtype=np.float64).reshape(-1))
     if not targets:
         raise ValueError("sigma_rels is empty; give at least one target sigma_rel")
+    keys = [target_key(s) for s in targets]
+    if len(set(keys)) != len(keys):
+        repeated = next(s for s, k in zip(targets, keys) if keys.count(k) > 1)
+        raise ValueError(f"sigma_rels repeats sigma_rel={repeated!r}")
     gammas = profiles.sigma_rel_to_gamma(targets)
     found = list_snapshots(snapshot_dir)
     if not found:
@@ -211,14 +234,16 @@ def plan(
         coefficient_norms=np.linalg.norm(coef, axis=0),
         outside=np.array([not (lo <= s <= hi) for s in targets]),
     )
-    for s, err in zip(targets, errors):
-        if err > ERROR_WARNING_THRESHOLD:
-            warnings.warn(
-                f"sigma_rel={s}: the snapshots reproduce its profile with a predicted relative error of "
-                f"{err:.1%} (above {ERROR_WARNING_THRESHOLD:.0%}); track sigma_rels around it or snapshot more often",
-                PoorReconstructionWarning,
-                stacklevel=2,
-            )
+    poor = [(s, err) for s, err in zip(targets, errors) if err > ERROR_WARNING_THRESHOLD]
+    if poor:
+        warnings.warn(
+            f"{len(poor)} of {len(targets)} targets (sigma_rel {', '.join(f'{s:.4g}' for s, _ in poor)}) "
+            f"have a predicted relative error above {ERROR_WARNING_THRESHOLD:.0%} "
+            f"({', '.join(f'{err:.1%}' for _, err in poor)}): their EMAs average the run differently from "
+            "the requested profile; track sigma_rels around them or snapshot more often",
+            PoorReconstructionWarning,
+            stacklevel=2,
+        )
     return result
 
 
@@ -280,7 +305,7 @@ def run(
     dev = torch.device(device if device is not None else "cpu")
     snaps = the_plan.snapshots
     latest = snaps[-1]
-    keys = sorted((k for k, (dt, _) in latest.tensors.items() if dt in _FLOATING), key=latest.offsets.__getitem__)
+    keys = sorted((k for k, (dt, _) in latest.tensors.items() if dt in FLOATING_DTYPES), key=latest.offsets.__getitem__)
     starts = list(itertools.accumulate((math.prod(latest.tensors[k][1]) for k in keys), initial=0))
     total = starts[-1]
     weights = torch.tensor(the_plan.coefficients.T, dtype=torch.float32, device=dev)  # [n_out, n_in]
@@ -341,10 +366,6 @@ def _one_torch_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-# Floating safetensors dtypes, which are averaged.
-_FLOATING = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
 @contextlib.contextmanager
 def _open_raw(info: SnapshotInfo) -> Iterator[int]:
     try:
@@ -365,7 +386,7 @@ def _read_flat(
     while k < len(keys) and starts[k] < e1:
         lo, hi = max(e0, starts[k]), min(e1, starts[k + 1])
         st_dtype = info.tensors[keys[k]][0]
-        torch_dtype = _FLOATING[st_dtype]
+        torch_dtype = FLOATING_DTYPES[st_dtype]
         size = torch_dtype.itemsize
         position = info.offsets[keys[k]] + (lo - starts[k]) * size
         # Take in the following tensors stored right after this one in the same

@@ -267,7 +267,7 @@ def test_cli_plot_step(mpl: None, run_dir: Path, tmp_path: Path) -> None:
 
 def test_cli_plot_warns_about_a_poor_target(mpl: None, run_dir: Path, tmp_path: Path) -> None:
     _, stderr = invoke("plot", run_dir, "-s", "0.005", "-o", tmp_path / "p.png")
-    assert stderr.startswith("warning: sigma_rel=0.005: the snapshots reproduce its profile with a predicted")
+    assert stderr.startswith("warning: 1 of 1 targets (sigma_rel 0.005) have a predicted relative error above 5%")
 
 
 @pytest.mark.parametrize(

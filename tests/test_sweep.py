@@ -268,9 +268,9 @@ def count_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return passes
 
 
-def test_a_subplan_is_the_plan_of_its_targets(run_dir: Path) -> None:
+def test_plan_subset_is_the_plan_of_its_targets(run_dir: Path) -> None:
     full = plan(run_dir, TARGETS)
-    sub = sweep_module._subplan(full, [3, 1])
+    sub = full.subset([3, 1])
     assert sub.sigma_rels == (TARGETS[3], TARGETS[1])
     assert [sub.metadata(0), sub.metadata(1)] == [full.metadata(3), full.metadata(1)]
     np.testing.assert_array_equal(sub.coefficients, full.coefficients[:, [3, 1]])
@@ -695,5 +695,5 @@ def test_cli_sweep_warns_about_poor_targets_in_one_line(
     run_dir: Path, tmp_path: Path, evaluator: Callable[..., str]
 ) -> None:
     _, stderr = invoke("sweep", run_dir, "-s", "0.005", "-s", "0.07", "-e", evaluator(), "-o", tmp_path / "o")
-    assert stderr.startswith("warning: 1 of 2 targets (sigma_rel 0.005) has a predicted reconstruction error above 5%")
+    assert stderr.startswith("warning: 1 of 2 targets (sigma_rel 0.005) have a predicted relative error above 5%")
     assert len(stderr.splitlines()) == 1
