@@ -35,7 +35,15 @@ from posthoc_ema._version import __version__
 from posthoc_ema.plots import plot_error_curve, plot_profile, plot_sweep
 from posthoc_ema.snapshots import SUFFIX, TMP_SUFFIX, SnapshotError, SnapshotInfo, read_info
 from posthoc_ema.sweep import RESULTS_CSV, RESULTS_JSON, SweepRow, command_sweep
-from posthoc_ema.synthesize import ERROR_WARNING_THRESHOLD, Plan, PoorReconstructionWarning, plan, run, save
+from posthoc_ema.synthesize import (
+    ERROR_WARNING_THRESHOLD,
+    Plan,
+    PoorReconstructionWarning,
+    format_error,
+    plan,
+    run,
+    save,
+)
 
 __all__ = ["app", "main", "parse_sigma_rels"]
 
@@ -184,10 +192,6 @@ def _fmt(value: float) -> str:
     return f"{value:.6g}"
 
 
-def _percent(value: float) -> str:
-    return f"{100 * value:.3g}%"
-
-
 def _size(n_bytes: int) -> str:
     size = float(n_bytes)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -224,7 +228,7 @@ def _print_report(the_plan: Plan) -> None:
         if err > ERROR_WARNING_THRESHOLD:
             notes.append("POOR")
         gamma, norm = float(the_plan.gammas[j]), float(the_plan.coefficient_norms[j])
-        rows.append([_fmt(sigma_rel), f"{gamma:.4g}", _percent(err), f"{norm:.4g}", ", ".join(notes)])
+        rows.append([_fmt(sigma_rel), f"{gamma:.4g}", format_error(err), f"{norm:.4g}", ", ".join(notes)])
     for line in _table(["sigma_rel", "gamma", "predicted error", "coef norm", ""], rows, "lrrrl"):
         typer.echo(line)
 
@@ -483,7 +487,7 @@ def _print_row(row: SweepRow) -> None:
     """One line per evaluated target as the sweep goes; a failure on stderr with the command's stderr."""
     if row.ok:
         values = "  ".join(f"{name}={value:.6g}" for name, value in row.metrics.items())
-        typer.echo(f"sigma_rel={_fmt(row.sigma_rel)}  {values}  (predicted error {_percent(row.predicted_error)})")
+        typer.echo(f"sigma_rel={_fmt(row.sigma_rel)}  {values}  (predicted error {format_error(row.predicted_error)})")
         return
     first, *rest = (row.failure or "failed").splitlines()
     typer.secho(f"failed: sigma_rel={_fmt(row.sigma_rel)}: {first}", fg="red", err=True)

@@ -146,9 +146,7 @@ def power_beta(gamma: ArrayLike, step: ArrayLike, prev_step: ArrayLike) -> Float
     bad = ~((t_prev >= 0) & (t_prev <= t))  # also catches NaN
     if np.any(bad):
         t_prev, t = np.broadcast_arrays(t_prev, t)
-        raise ValueError(
-            f"prev_step={float(t_prev[bad].flat[0])!r} is outside [0, step={float(t[bad].flat[0])!r}]"
-        )
+        raise ValueError(f"prev_step={float(t_prev[bad].flat[0])!r} is outside [0, step={float(t[bad].flat[0])!r}]")
     return (t_prev / t) ** (g + 1)
 
 
@@ -247,7 +245,8 @@ def solve_coefficients(
 
     Raises:
         ValueError: for a sigma_rel outside (0, sqrt(1/12)), a non-positive step,
-            or when no snapshot lies at or before ``out_step``.
+            when no snapshot lies at or before ``out_step``, or when a target's
+            profile does not overlap theirs at all (in float64).
 
     Example:
         >>> c = solve_coefficients([100, 100, 200, 200], [0.05, 0.1, 0.05, 0.1], 200, 0.15)
@@ -257,11 +256,24 @@ def solve_coefficients(
     steps, gammas, out_t, out_gammas = _prepare(in_steps, in_sigma_rels, out_step, out_sigma_rels)
     used = steps <= out_t
     if not np.any(used):
-        raise ValueError(f"no snapshot at or before out_step={float(out_t)!r}; the earliest is at {float(steps.min())!r}")
+        raise ValueError(
+            f"no snapshot at or before out_step={float(out_t)!r}; the earliest is at {float(steps.min())!r}"
+        )
     gram = _gram(steps[used], gammas[used])
     cross = profile_inner_product(steps[used, None], gammas[used, None], out_t, out_gammas[None, :])
     coef = _lstsq(gram, cross)
-    coef = coef / coef.sum(axis=0, keepdims=True)
+    total = coef.sum(axis=0, keepdims=True)
+    # A narrow target far after the last snapshot overlaps none of them in float64:
+    # every product underflows to 0 and there is nothing to normalise.
+    lost = ~(np.abs(total[0]) > 0)
+    if np.any(lost):
+        sigma_rel = float(np.reshape(np.asarray(out_sigma_rels, dtype=np.float64), -1)[np.argmax(lost)])
+        raise ValueError(
+            f"sigma_rel={sigma_rel!r} at out_step={float(out_t)!r} has no overlap with the snapshots at or "
+            f"before it (the latest is at {float(steps[used].max())!r}); reconstruct at an earlier step "
+            "or a wider sigma_rel"
+        )
+    coef = coef / total
     full = np.zeros((steps.size, out_gammas.size))
     full[used] = coef
     return full

@@ -11,19 +11,22 @@ never leaves a partial file under a final name. Listing skips ``*.tmp``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
-import math
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from posthoc_ema.profiles import MAX_SIGMA_REL
 from safetensors.torch import save_file
 
 __all__ = [
@@ -32,6 +35,7 @@ __all__ = [
     "BackgroundWriter",
     "SnapshotError",
     "SnapshotInfo",
+    "SnapshotWriteError",
     "atomic_path",
     "list_snapshots",
     "read_info",
@@ -162,7 +166,7 @@ def _info_from_header(path: Path, meta: Mapping[str, str], table: Mapping[str, M
         if isinstance(err, SnapshotError):
             raise
         raise SnapshotError(f"{path}: snapshot metadata has a malformed value ({err})") from None
-    if info.step <= 0 or not (0 < info.sigma_rel < 0.5) or not math.isfinite(info.gamma):
+    if info.step <= 0 or not (0 < info.sigma_rel < MAX_SIGMA_REL) or not info.gamma > 0:
         raise SnapshotError(f"{path}: snapshot metadata is out of range (step={info.step}, sigma_rel={info.sigma_rel})")
     return info
 
@@ -243,6 +247,10 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_UMASK = os.umask(0o22)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` whole, durably.
@@ -256,6 +264,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # writers may create private temp files; give the usual mode
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -283,34 +292,36 @@ class BackgroundWriter:
     """Runs write jobs one at a time on a daemon thread.
 
     ``submit`` blocks when ``max_pending`` jobs wait, so a slow disk slows training
-    down instead of filling memory. The first failure is kept and raised, naming
-    the file, by the next ``submit``/``check``/``flush``.
+    down instead of filling memory. A failed job does not stop the later ones;
+    failures are raised, naming the files and the first cause, by the next
+    ``submit``/``check``/``flush``. Pending writes are finished at interpreter exit.
     """
 
     def __init__(self, max_pending: int = 2) -> None:
         self._jobs: queue.Queue[tuple[Path, Callable[[], None]] | None] = queue.Queue(max_pending)
-        self._error: SnapshotWriteError | None = None
+        self._failed: list[tuple[Path, Exception]] = []
         self._thread = threading.Thread(target=self._run, name="posthoc-ema-writer", daemon=True)
         self._thread.start()
+        _writers.add(self)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             path, write = job
             try:
-                if self._error is None:
-                    write()
+                write()
             except Exception as err:  # kept and raised on the training thread
-                self._error = SnapshotWriteError(f"could not write snapshot {path}: {err}")
-                self._error.__cause__ = err
+                self._failed.append((path, err))
             finally:
                 self._jobs.task_done()
         self._jobs.task_done()
 
     def check(self) -> None:
-        """Raise the error of a failed write, once."""
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
+        """Raise the failures so far, once."""
+        if self._failed:
+            failed, self._failed = self._failed, []
+            (path, cause), more = failed[0], len(failed) - 1
+            also = f" (and {more} more: {', '.join(str(p) for p, _ in failed[1:4])}{'...' if more > 3 else ''})"
+            raise SnapshotWriteError(f"could not write snapshot {path}: {cause}{also if more else ''}") from cause
 
     def submit(self, path: Path, write: Callable[[], None]) -> None:
         self.check()
@@ -325,6 +336,18 @@ class BackgroundWriter:
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
+
+
+_writers: weakref.WeakSet[BackgroundWriter] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_pending_writes() -> None:
+    for writer in list(_writers):
+        try:
+            writer.flush()
+        except SnapshotWriteError as err:
+            log.error("%s", err)
 
 
 def stage(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -38,6 +38,7 @@ from posthoc_ema.synthesize import (
     StateDict,
     plan,
     run,
+    format_error,
     save,
     target_key,
 )
@@ -194,7 +195,7 @@ class SweepResult:
                     "*" if r is best else "",
                     f"{r.sigma_rel:.4g}",
                     *(_format_number(r.metrics[n]) if n in r.metrics else "-" for n in names),
-                    _format_error(r.predicted_error),
+                    format_error(r.predicted_error),
                     "; ".join(note),
                 ]
             )
@@ -286,10 +287,6 @@ class SweepResult:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{path}: malformed sweep result ({type(err).__name__}: {err})") from None
-
-
-def _format_error(value: float) -> str:
-    return "<0.01%" if value < 5e-5 else f"{value:.2%}"
 
 
 def _format_number(value: float) -> str:

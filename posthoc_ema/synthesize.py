@@ -125,6 +125,11 @@ class Plan:
         }
 
 
+def format_error(error: float) -> str:
+    """A predicted error for people: a percentage, with float64 noise (about 1e-6) shown as ``<0.01%``."""
+    return "<0.01%" if error < 5e-5 else f"{error:.2%}"
+
+
 def target_key(sigma_rel: float) -> str:
     """A target's identity: sigma_rels closer than float noise (0.07 vs 0.07000000000000001) are one target."""
     return f"{sigma_rel:.9g}"

@@ -264,17 +264,23 @@ class PostHocEMA:
         step, prev = self.step, self._ema_step
         # EDM2 eq. 127 in Python floats: no tensor is read on the host, so no sync.
         weights = [1.0 - (prev / step) ** (g + 1) for g in self.gammas]
-        for group in self._groups:
-            sources = group.sources
-            if group.staging is not None:
-                torch._foreach_copy_(group.staging, sources, non_blocking=group.sync_device is not None)
-                if group.sync_device is not None:
-                    torch.cuda.current_stream(group.sync_device).synchronize()
-                sources = group.staging
-            for emas, weight in zip(group.emas, weights):
-                torch._foreach_lerp_(emas, sources, weight)
-        if self._copied.sources:
-            torch._foreach_copy_(self._copied.values, self._copied.sources)
+        try:
+            for group in self._groups:
+                sources = group.sources
+                if group.staging is not None:
+                    torch._foreach_copy_(group.staging, sources, non_blocking=group.sync_device is not None)
+                    if group.sync_device is not None:
+                        torch.cuda.current_stream(group.sync_device).synchronize()
+                    sources = group.staging
+                for emas, weight in zip(group.emas, weights, strict=True):
+                    torch._foreach_lerp_(emas, sources, weight)
+            if self._copied.sources:
+                torch._foreach_copy_(self._copied.values, self._copied.sources)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"could not update the EMAs ({err}); if the model was moved to another device or dtype "
+                "after PostHocEMA was created, create it after model.to(...)"
+            ) from err
         self._ema_step = step
 
     # -- reading the EMAs -----------------------------------------------------
@@ -426,7 +432,14 @@ class PostHocEMA:
                 self._writer.close()
                 self._writer = None
 
-    def synthesize(self, sigma_rel: float, *, step: int | None = None, device: str | None = None) -> StateDict:
+    def synthesize(
+        self,
+        sigma_rel: float,
+        *,
+        step: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str = torch.float32,
+    ) -> StateDict:
         """Flush, then synthesize the EMA of ``sigma_rel`` from this tracker's snapshots.
 
         See :func:`posthoc_ema.synthesize`.
@@ -436,7 +449,7 @@ class PostHocEMA:
         if self.snapshot_dir is None:
             raise ValueError("this PostHocEMA has no snapshot_dir to synthesize from")
         self.flush()
-        return synthesize(self.snapshot_dir, sigma_rel, step=step, device=device)
+        return synthesize(self.snapshot_dir, sigma_rel, step=step, device=device, dtype=dtype)
 
     # -- resume ---------------------------------------------------------------
 
@@ -497,8 +510,9 @@ class PostHocEMA:
             later = [i for i in list_snapshots(self.snapshot_dir) if i.step > self.step]
             if later:
                 log.warning(
-                    "%s holds %d snapshots after the resumed step %d (from the interrupted run); "
-                    "they are replaced as training reaches their steps again",
+                    "%s holds %d snapshots after the resumed step %d, from the interrupted run; each is "
+                    "replaced when this run snapshots the same step, and any left over is used by synthesis: "
+                    "delete them if the snapshot steps changed",
                     self.snapshot_dir,
                     len(later),
                     self.step,
