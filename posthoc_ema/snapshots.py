@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from posthoc_ema.profiles import MAX_SIGMA_REL
-from safetensors.torch import save_file
 
 __all__ = [
     "FORMAT",
@@ -54,8 +53,18 @@ FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
 TMP_SUFFIX = ".tmp"
 
+#: The safetensors name of each torch dtype a snapshot may hold.
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
 #: Safetensors names of floating dtypes (the tensors that are averaged) and their torch dtypes.
-FLOATING_DTYPES: dict[str, torch.dtype] = {
+FLOATING_DTYPES: dict[str, torch.dtype] = {n: t for t, n in SAFETENSORS_DTYPES.items() if t.is_floating_point}
+#: Bytes per element of each safetensors dtype.
+ITEMSIZE: dict[str, int] = {n: t.itemsize for t, n in SAFETENSORS_DTYPES.items()}
+
+DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -247,10 +256,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-_UMASK = os.umask(0o22)
-os.umask(_UMASK)
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` whole, durably.
@@ -264,7 +269,6 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # writers may create private temp files; give the usual mode
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -274,14 +278,45 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str]) -> None:
+    """Write ``tensors`` to ``path`` in the safetensors format, the same bytes for the same input.
+
+    Floating tensors come first, then the others, each group by name (so the
+    averaged tensors of a snapshot form one run of bytes); metadata is sorted.
+    Writes the file in place: use :func:`write_atomic` for a file others may read.
+
+    Raises:
+        ValueError: for a tensor of a dtype snapshots do not store.
+    """
+    order = sorted(tensors, key=lambda name: (not tensors[name].is_floating_point(), name))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which snapshots do not store")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in order:
+            t = tensors[name].detach().to("cpu").contiguous()
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 def write_atomic(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Write a safetensors file so that it appears whole under ``path`` or not at all (see :func:`atomic_path`).
 
     Raises:
         OSError: if writing fails; the temporary file is removed.
+        ValueError: for a tensor of a dtype snapshots do not store.
     """
     with atomic_path(path) as tmp:
-        save_file(dict(tensors), tmp, metadata=dict(metadata))
+        write_safetensors(tensors, tmp, metadata)
 
 
 class SnapshotWriteError(OSError):

@@ -270,7 +270,7 @@ def test_write_failure_leaves_no_file(run_dir: Path, tmp_path: Path, monkeypatch
         Path(path).write_bytes(b"half of a file")
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(snapshots_module, "save_file", disk_full)
+    monkeypatch.setattr(snapshots_module, "write_safetensors", disk_full)
     out = tmp_path / "out"
     _, stderr = invoke("synthesize", run_dir, "-s", "0.07", "-o", out / "ema.safetensors", code=1)
     assert one_error_line(stderr) == f"error: {out / 'ema.safetensors.tmp'}: No space left on device"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import errno
 import importlib.metadata
 import os
@@ -226,7 +228,7 @@ def test_write_atomic_leaves_the_old_file_when_a_write_fails(tmp_path, monkeypat
         Path(filename).write_bytes(b"half a file")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(snapshots, "save_file", fail_halfway)
+    monkeypatch.setattr(snapshots, "write_safetensors", fail_halfway)
     with pytest.raises(OSError, match="No space left on device"):
         write_atomic(path, {"w": torch.zeros(3)}, {"k": "new"})
     assert os.listdir(tmp_path) == ["a.safetensors"]  # no *.tmp left behind
@@ -252,7 +254,7 @@ def test_a_failing_write_surfaces_at_the_next_call(tmp_path, make_tracker, monke
     # One sigma_rel, so snapshot() queues a single write and the next call is well defined.
     tracker = make_tracker(model, 0.05, snapshot_dir=tmp_path, snapshot_every=None)
     tracker.update()
-    monkeypatch.setattr(snapshots, "save_file", disk_full)
+    monkeypatch.setattr(snapshots, "write_safetensors", disk_full)
     paths = tracker.snapshot()  # queued; fails in the background
     if surfaces_at != "flush":
         wait_for_writer(tracker)
@@ -277,11 +279,13 @@ def test_a_failing_write_surfaces_by_flush_at_the_latest(tmp_path, make_tracker,
     # With several sigma_rels the first failure may already stop snapshot() itself.
     model = Net()
     tracker = make_tracker(model, (0.05, 0.10, 0.15), snapshot_dir=tmp_path, snapshot_every=2)
-    monkeypatch.setattr(snapshots, "save_file", disk_full)
+    monkeypatch.setattr(snapshots, "write_safetensors", disk_full)
     with pytest.raises(SnapshotWriteError, match=re.escape(str(tmp_path / "phema-")) + ".*No space left on device"):
         for _ in range(2):
             tracker.update()
         tracker.flush()
+    with contextlib.suppress(SnapshotWriteError):  # writes queued behind the failure still run
+        tracker.close()
     assert not list(tmp_path.iterdir())
 
 
