@@ -22,7 +22,6 @@ from posthoc_ema.synthesize import (
 from posthoc_ema.tracker import PostHocEMA
 
 __all__ = [
-    "__version__",
     "ERROR_WARNING_THRESHOLD",
     "MAX_SIGMA_REL",
     "Plan",
@@ -31,6 +30,7 @@ __all__ = [
     "SnapshotError",
     "SnapshotInfo",
     "SnapshotWriteError",
+    "__version__",
     "gamma_to_sigma_rel",
     "list_snapshots",
     "plan",

@@ -20,12 +20,12 @@ import scipy.linalg
 
 __all__ = [
     "MAX_SIGMA_REL",
-    "sigma_rel_to_gamma",
     "gamma_to_sigma_rel",
     "power_beta",
     "profile_inner_product",
-    "solve_coefficients",
     "reconstruction_error",
+    "sigma_rel_to_gamma",
+    "solve_coefficients",
 ]
 
 ArrayLike = npt.ArrayLike
@@ -150,9 +150,7 @@ def power_beta(gamma: ArrayLike, step: ArrayLike, prev_step: ArrayLike) -> Float
     return (t_prev / t) ** (g + 1)
 
 
-def profile_inner_product(
-    step_a: ArrayLike, gamma_a: ArrayLike, step_b: ArrayLike, gamma_b: ArrayLike
-) -> FloatArray:
+def profile_inner_product(step_a: ArrayLike, gamma_a: ArrayLike, step_b: ArrayLike, gamma_b: ArrayLike) -> FloatArray:
     """L2 inner product of two power-function profiles ``<f_a, f_b>``.
 
     EDM2 eq. 151 (Algorithm 3, ``p_dot_p``): for ``T_a <= T_b``,
@@ -195,7 +193,7 @@ def _lstsq(gram: FloatArray, rhs: FloatArray) -> FloatArray:
     scaled = gram * d[:, None] * d[None, :]
     w, v = scipy.linalg.eigh(scaled)
     keep = w > w[-1] * 1e-14
-    coef = v[:, keep] @ ((v[:, keep].T @ (rhs * d[:, None])) / w[keep, None])
+    coef: FloatArray = v[:, keep] @ ((v[:, keep].T @ (rhs * d[:, None])) / w[keep, None])
     return coef * d[:, None]
 
 
@@ -206,7 +204,7 @@ def _squared_error(
     cross = profile_inner_product(in_steps[:, None], in_gammas[:, None], out_step, out_gammas[None, :])
     target = profile_inner_product(out_step, out_gammas, out_step, out_gammas)
     # ||sum_i c_i f_i - f||^2 expanded through inner products alone.
-    sq = np.einsum("io,ij,jo->o", coef, gram, coef) - 2 * np.einsum("io,io->o", coef, cross) + target
+    sq: FloatArray = np.einsum("io,ij,jo->o", coef, gram, coef) - 2 * np.einsum("io,io->o", coef, cross) + target
     return np.maximum(sq, 0.0) / target
 
 

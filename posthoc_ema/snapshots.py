@@ -64,18 +64,7 @@ FLOATING_DTYPES: dict[str, torch.dtype] = {n: t for t, n in SAFETENSORS_DTYPES.i
 #: Bytes per element of each safetensors dtype.
 ITEMSIZE: dict[str, int] = {n: t.itemsize for t, n in SAFETENSORS_DTYPES.items()}
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}
-#: Bytes per element of each safetensors dtype.
-ITEMSIZE: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-}  # fmt: skip
-
+#: Floating dtypes by the names the API and CLI accept.
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -197,7 +186,9 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str,
                 raise SnapshotError(f"{path}: not a safetensors file (only {size} bytes)")
             header_len = int.from_bytes(raw, "little")
             if header_len > size - 8:
-                raise SnapshotError(f"{path}: truncated or not a safetensors file (header of {header_len} bytes in a file of {size})")
+                raise SnapshotError(
+                    f"{path}: truncated or not a safetensors file (header of {header_len} bytes in a file of {size})"
+                )
             header = json.loads(f.read(header_len))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SnapshotError(f"{path}: unreadable safetensors header ({err})") from None
@@ -278,7 +269,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
-def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str]) -> None:
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str]
+) -> None:
     """Write ``tensors`` to ``path`` in the safetensors format, the same bytes for the same input.
 
     Floating tensors come first, then the others, each group by name (so the
@@ -296,7 +289,11 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLi
         if t.dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which snapshots do not store")
         size = t.numel() * t.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
@@ -305,10 +302,12 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLi
         f.write(raw)
         for name in order:
             t = tensors[name].detach().to("cpu").contiguous()
-            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
-def write_atomic(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+def write_atomic(
+    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> None:
     """Write a safetensors file so that it appears whole under ``path`` or not at all (see :func:`atomic_path`).
 
     Raises:

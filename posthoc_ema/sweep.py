@@ -36,9 +36,9 @@ from posthoc_ema.snapshots import FLOATING_DTYPES, ITEMSIZE, atomic_path, parse_
 from posthoc_ema.synthesize import (
     Plan,
     StateDict,
+    format_error,
     plan,
     run,
-    format_error,
     save,
     target_key,
 )
@@ -323,6 +323,7 @@ def _as_metrics(value: Any, metric: str | None) -> dict[str, float]:
 
 
 # -- the sweep ------------------------------------------------------------------
+
 
 def target_bytes(the_plan: Plan, dtype: torch.dtype | str = torch.float32) -> int:
     """Bytes one synthesized target of ``the_plan`` holds in memory, from the snapshots' headers.

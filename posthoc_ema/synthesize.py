@@ -160,7 +160,7 @@ def _check_consistent(snapshots: Sequence[SnapshotInfo]) -> None:
             detail = f"tensor names differ (e.g. {names[0]!r})"
         else:
             name = next(n for n in reference if reference[n] != other[n])
-            (floating, shape), (ref_floating, ref_shape) = other[name], reference[name]
+            (floating, shape), (_, ref_shape) = other[name], reference[name]
             if shape != ref_shape:
                 detail = f"tensor {name!r} has shape {shape}, not {ref_shape}"
             else:
@@ -215,7 +215,7 @@ def plan(
         raise ValueError("sigma_rels is empty; give at least one target sigma_rel")
     keys = [target_key(s) for s in targets]
     if len(set(keys)) != len(keys):
-        repeated = next(s for s, k in zip(targets, keys) if keys.count(k) > 1)
+        repeated = next(s for s, k in zip(targets, keys, strict=True) if keys.count(k) > 1)
         raise ValueError(f"sigma_rels repeats sigma_rel={repeated!r}")
     gammas = profiles.sigma_rel_to_gamma(targets)
     found = list_snapshots(snapshot_dir)
@@ -239,7 +239,7 @@ def plan(
         coefficient_norms=np.linalg.norm(coef, axis=0),
         outside=np.array([not (lo <= s <= hi) for s in targets]),
     )
-    poor = [(s, err) for s, err in zip(targets, errors) if err > ERROR_WARNING_THRESHOLD]
+    poor = [(s, err) for s, err in zip(targets, errors, strict=True) if err > ERROR_WARNING_THRESHOLD]
     if poor:
         warnings.warn(
             f"{len(poor)} of {len(targets)} targets (sigma_rel {', '.join(f'{s:.4g}' for s, _ in poor)}) "
@@ -321,24 +321,18 @@ def run(
         batch = snaps[first : first + _MAX_OPEN]
         chunk = max(_MIN_READ, _CHUNK_BYTES // (4 * len(batch)))
         bounds = [(e0, min(total, e0 + chunk)) for e0 in range(0, total, chunk)]
+        if not bounds:  # no floating tensors at all
+            break
         buffers = [torch.empty(len(batch), min(chunk, total), dtype=torch.float32) for _ in range(2)]
         w = weights[:, first : first + len(batch)]
         with contextlib.ExitStack() as stack, ThreadPoolExecutor(1) as reader, _one_torch_thread(dev):
             files = [stack.enter_context(_open_raw(info)) for info in batch]
 
-            def fill(n: int) -> torch.Tensor:
-                e0, e1 = bounds[n]
-                buffer = buffers[n % 2][:, : e1 - e0]
-                for row, fd, info in zip(buffer, files, batch):
-                    _read_flat(fd, info, keys, starts, e0, e1, row)
-                return buffer
-
-            pending = reader.submit(fill, 0) if bounds else None
+            pending = reader.submit(_fill, buffers[0], *bounds[0], files, batch, keys, starts)
             for n, (e0, e1) in enumerate(bounds):
-                assert pending is not None
                 x = pending.result().to(dev)  # a copy for a GPU, so the buffer can be refilled
                 if n + 1 < len(bounds):
-                    pending = reader.submit(fill, n + 1)
+                    pending = reader.submit(_fill, buffers[(n + 1) % 2], *bounds[n + 1], files, batch, keys, starts)
                 sums[:, e0:e1].addmm_(w, x, beta=1.0 if first else 0.0)
                 done += (e1 - e0) * len(batch)
                 if progress is not None:
@@ -348,11 +342,28 @@ def run(
     result: dict[float, StateDict] = {}
     for j, sigma_rel in enumerate(the_plan.sigma_rels):
         sd: StateDict = {
-            k: sums[j, a:b].view(latest.tensors[k][1]).to(out_dtype) for k, a, b in zip(keys, starts, starts[1:])
+            k: sums[j, a:b].view(latest.tensors[k][1]).to(out_dtype)
+            for k, a, b in zip(keys, starts, starts[1:], strict=False)
         }
         sd.update({k: t.to(dev, copy=True) for k, t in copied.items()})
         result[sigma_rel] = sd
     return result
+
+
+def _fill(
+    buffer: torch.Tensor,
+    e0: int,
+    e1: int,
+    files: Sequence[int],
+    infos: Sequence[SnapshotInfo],
+    keys: Sequence[str],
+    starts: Sequence[int],
+) -> torch.Tensor:
+    """Rows of elements ``[e0, e1)`` of each snapshot's flat floating vector, in ``buffer``."""
+    rows = buffer[:, : e1 - e0]
+    for row, fd, info in zip(rows, files, infos, strict=True):
+        _read_flat(fd, info, keys, starts, e0, e1, row)
+    return rows
 
 
 @contextlib.contextmanager
@@ -406,7 +417,7 @@ def _read_flat(
             hi = min(e1, starts[k + 1])
         dest = out[lo - e0 : hi - e0]
         target = dest if torch_dtype == torch.float32 else torch.empty(hi - lo, dtype=torch_dtype)
-        view = memoryview(target.view(torch.uint8).numpy())
+        view = target.view(torch.uint8).numpy().data
         if os.preadv(fd, [view], position) != len(view):
             raise SnapshotError(f"{info.path}: file ended while reading {keys[k]!r}; it is truncated")
         if target is not dest:

@@ -62,7 +62,9 @@ def _model_entries(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for key, t in model.state_dict(keep_vars=True).items():
         name = clean_key(key)
         if name in entries and entries[name] is not t:
-            raise ValueError(f"two tensors of the model map to the state_dict key {name!r} once wrapper prefixes are removed")
+            raise ValueError(
+                f"two tensors of the model map to the state_dict key {name!r} once wrapper prefixes are removed"
+            )
         entries[name] = t
     return entries
 
@@ -395,7 +397,7 @@ class PostHocEMA:
         self._check_sources()
         self._snapshot_step = self._ema_step
         paths = []
-        for index, (sigma_rel, gamma) in enumerate(zip(self.sigma_rels, self.gammas)):
+        for index, (sigma_rel, gamma) in enumerate(zip(self.sigma_rels, self.gammas, strict=True)):
             info = SnapshotInfo(
                 path=self.snapshot_dir / snapshot_name(self._ema_step, sigma_rel),
                 step=self._ema_step,
@@ -486,7 +488,10 @@ class PostHocEMA:
         if state_dict["version"] > STATE_VERSION:
             raise ValueError(f"state_dict version {state_dict['version']} is newer than this posthoc-ema reads")
         theirs = tuple(float(s) for s in state_dict["sigma_rels"])
-        if len(theirs) != len(self.sigma_rels) or not all(math.isclose(a, b) for a, b in zip(theirs, self.sigma_rels)):
+        same = len(theirs) == len(self.sigma_rels) and all(
+            math.isclose(a, b) for a, b in zip(theirs, self.sigma_rels, strict=True)
+        )
+        if not same:
             raise ValueError(f"the state_dict tracks sigma_rels {theirs}, this PostHocEMA tracks {self.sigma_rels}")
         for index, saved in enumerate(state_dict["emas"]):
             missing = [k for k in self._keys if k not in saved]
@@ -498,7 +503,9 @@ class PostHocEMA:
                 )
             for key, value in self._ema_items(index):
                 if saved[key].shape != value.shape:
-                    raise ValueError(f"the state_dict's {key!r} has shape {tuple(saved[key].shape)}, expected {tuple(value.shape)}")
+                    raise ValueError(
+                        f"the state_dict's {key!r} has shape {tuple(saved[key].shape)}, expected {tuple(value.shape)}"
+                    )
         for index, saved in enumerate(state_dict["emas"]):
             for key, value in self._ema_items(index):
                 value.copy_(saved[key])

@@ -242,7 +242,10 @@ def test_poor_reconstruction_is_a_warning_line(run_dir: Path, tmp_path: Path) ->
     stdout, stderr = invoke("synthesize", run_dir, "-s", "0.07", "-s", "0.27", "-o", tmp_path)
     lines = stderr.splitlines()
     assert len(lines) == 1
-    assert re.fullmatch(r"warning: 1 of 2 targets \(sigma_rel 0.27\) have a predicted relative error above 5% \(\d+\.\d%\): .*", lines[0])
+    assert re.fullmatch(
+        r"warning: 1 of 2 targets \(sigma_rel 0.27\) have a predicted relative error above 5% \(\d+\.\d%\): .*",
+        lines[0],
+    )
     assert "outside the tracked range, POOR" in stdout
     assert len(files(tmp_path)) == 2  # a warning, not an error
 
