@@ -19,7 +19,7 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -382,12 +382,3 @@ def _finish_pending_writes() -> None:
             writer.flush()
         except SnapshotWriteError as err:
             log.error("%s", err)
-
-
-def stage(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """CPU copies of ``tensors``, floating ones cast to ``dtype``, ready to be written off-thread."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in tensors:
-        target = dtype if t.is_floating_point() else t.dtype
-        out[name] = t.detach().to(device="cpu", dtype=target, copy=True).contiguous()
-    return out

@@ -7,7 +7,7 @@ import fnmatch
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +23,6 @@ from posthoc_ema.snapshots import (
     list_snapshots,
     parse_dtype,
     snapshot_name,
-    stage,
     write_atomic,
 )
 
@@ -223,12 +222,26 @@ class PostHocEMA:
             if not direct:
                 staging = [torch.empty(t.shape, dtype=ema_dtype, device=ema_device, pin_memory=pin) for t in sources]
             emas = [
-                [t.detach().to(device=ema_device, dtype=ema_dtype, copy=True) for t in sources] for _ in self.sigma_rels
+                [
+                    t.detach().to(device=ema_device, dtype=ema_dtype, copy=True, memory_format=torch.contiguous_format)
+                    for t in sources
+                ]
+                for _ in self.sigma_rels
             ]
             group = _Group(sources, emas, staging, src_device if pin else None)
             for i, t in enumerate(sources):
                 self._slot[id(t)] = (group, i)
             self._groups.append(group)
+        # What a snapshot copies: every floating entry into one flat buffer (one
+        # foreach copy), the few others one by one.
+        self._floating_keys = [k for k in self._keys if self._sources[k].is_floating_point()]
+        self._other_keys = [k for k in self._keys if not self._sources[k].is_floating_point()]
+        self._floating_numels = [self._sources[k].numel() for k in self._floating_keys]
+        self._spare: list[torch.Tensor] = []  # staging buffers the writer is done with
+        self._flat_emas = [
+            [t.view(-1) for _, t in self._ema_items_of(index, self._floating_keys)]
+            for index in range(len(self.sigma_rels))
+        ]
 
     # -- training -------------------------------------------------------------
 
@@ -294,7 +307,10 @@ class PostHocEMA:
         raise ValueError(f"sigma_rel={sigma_rel!r} is not tracked; tracked: {', '.join(map(repr, self.sigma_rels))}")
 
     def _ema_items(self, index: int) -> Iterator[tuple[str, torch.Tensor]]:
-        for key in self._keys:
+        return self._ema_items_of(index, self._keys)
+
+    def _ema_items_of(self, index: int, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in keys:
             holder, i = self._slot[id(self._sources[key])]
             yield key, holder.emas[index][i] if isinstance(holder, _Group) else holder.values[i]
 
@@ -396,9 +412,8 @@ class PostHocEMA:
         assert self.snapshot_dir is not None
         self._check_sources()
         self._snapshot_step = self._ema_step
-        paths = []
-        for index, (sigma_rel, gamma) in enumerate(zip(self.sigma_rels, self.gammas, strict=True)):
-            info = SnapshotInfo(
+        infos = [
+            SnapshotInfo(
                 path=self.snapshot_dir / snapshot_name(self._ema_step, sigma_rel),
                 step=self._ema_step,
                 sigma_rel=sigma_rel,
@@ -407,14 +422,40 @@ class PostHocEMA:
                 update_every=self.update_every,
                 library_version=__version__,
             )
-            paths.append(info.path)
-            if not _is_writer_rank():
-                continue
-            staged = stage(self._ema_items(index), self.snapshot_dtype)
+            for sigma_rel, gamma in zip(self.sigma_rels, self.gammas, strict=True)
+        ]
+        if _is_writer_rank():
+            # Stage every EMA before the first write starts, so the copies do not
+            # compete with the writer for memory bandwidth.
+            jobs = [self._stage(index, info) for index, info in enumerate(infos)]
             if self._writer is None:
                 self._writer = BackgroundWriter()
-            self._writer.submit(info.path, _write_job(info, staged))
-        return paths
+            for info, job in zip(infos, jobs, strict=True):
+                self._writer.submit(info.path, job)
+        return [info.path for info in infos]
+
+    def _stage(self, index: int, info: SnapshotInfo) -> Callable[[], None]:
+        """Copy EMA ``index`` to the CPU in the snapshot dtype now; return the job that writes it.
+
+        The floating entries go into one flat buffer with one foreach copy; the
+        buffer is reused once written (a fresh buffer of that size would be
+        page-faulted in at every snapshot). Naming the pieces happens on the
+        writer thread.
+        """
+        flat = self._spare.pop() if self._spare else torch.empty(sum(self._floating_numels), dtype=self.snapshot_dtype)
+        parts = torch.split(flat, self._floating_numels)
+        torch._foreach_copy_(parts, self._flat_emas[index])
+        others = {k: t.to("cpu", copy=True) for k, t in self._ema_items_of(index, self._other_keys)}
+
+        def write() -> None:
+            try:
+                shapes = (self._sources[k].shape for k in self._floating_keys)
+                named = {k: p.view(shape) for k, p, shape in zip(self._floating_keys, parts, shapes, strict=True)}
+                write_atomic(info.path, named | others, info.metadata())
+            finally:
+                self._spare.append(flat)
+
+        return write
 
     def flush(self) -> None:
         """Wait until every snapshot written so far is complete and on disk.
@@ -529,7 +570,3 @@ class PostHocEMA:
 def _is_writer_rank() -> bool:
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _write_job(info: SnapshotInfo, tensors: dict[str, torch.Tensor]) -> Any:
-    return lambda: write_atomic(info.path, tensors, info.metadata())
