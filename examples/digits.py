@@ -3,7 +3,7 @@
 A small MLP is trained with plain SGD at a learning rate high enough that the raw
 weights stay noisy to the end, while :class:`posthoc_ema.PostHocEMA` tracks two
 power-function EMAs (sigma_rel 0.05 and 0.10) and snapshots them every 100 steps.
-After training, :func:`posthoc_ema.sweep.sweep` synthesizes the EMA of every
+After training, :func:`posthoc_ema.sweeps.sweep` synthesizes the EMA of every
 sigma_rel from 0.01 to 0.25 out of those snapshots and scores each on the
 validation split; the best is then compared on the test split with the raw final
 weights and the two tracked EMAs.
@@ -31,8 +31,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from posthoc_ema import PostHocEMA
-from posthoc_ema.sweep import SweepResult, sweep
-from posthoc_ema.synthesize import PoorReconstructionWarning, plan, synthesize
+from posthoc_ema.sweeps import SweepResult, sweep
+from posthoc_ema.synthesis import PoorReconstructionWarning, plan, synthesize
 
 TRACKED = (0.05, 0.10)
 N_TRAIN, N_VAL = 1000, 397  # the remaining 400 images are the test split

@@ -11,7 +11,8 @@ from posthoc_ema.profiles import (
     solve_coefficients,
 )
 from posthoc_ema.snapshots import SnapshotError, SnapshotInfo, SnapshotWriteError, list_snapshots
-from posthoc_ema.synthesize import (
+from posthoc_ema.sweeps import EvaluationError, SweepResult, SweepRow, sweep
+from posthoc_ema.synthesis import (
     ERROR_WARNING_THRESHOLD,
     Plan,
     PoorReconstructionWarning,
@@ -24,12 +25,15 @@ from posthoc_ema.tracker import PostHocEMA
 __all__ = [
     "ERROR_WARNING_THRESHOLD",
     "MAX_SIGMA_REL",
+    "EvaluationError",
     "Plan",
     "PoorReconstructionWarning",
     "PostHocEMA",
     "SnapshotError",
     "SnapshotInfo",
     "SnapshotWriteError",
+    "SweepResult",
+    "SweepRow",
     "__version__",
     "gamma_to_sigma_rel",
     "list_snapshots",
@@ -39,6 +43,7 @@ __all__ = [
     "reconstruction_error",
     "sigma_rel_to_gamma",
     "solve_coefficients",
+    "sweep",
     "synthesize",
     "synthesize_many",
 ]

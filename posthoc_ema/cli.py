@@ -1,6 +1,6 @@
 """The ``posthoc-ema`` command: synthesize EMAs from a folder of snapshots, and inspect it.
 
-A thin layer over :mod:`posthoc_ema.synthesize` and :mod:`posthoc_ema.snapshots`:
+A thin layer over :mod:`posthoc_ema.synthesis` and :mod:`posthoc_ema.snapshots`:
 it parses the command line, calls the library and prints. Library errors
 become one ``error: ...`` line on stderr and exit code 1; bad usage exits with 2.
 
@@ -34,8 +34,8 @@ import typer
 from posthoc_ema._version import __version__
 from posthoc_ema.plots import plot_error_curve, plot_profile, plot_sweep
 from posthoc_ema.snapshots import SUFFIX, TMP_SUFFIX, SnapshotError, SnapshotInfo, read_info
-from posthoc_ema.sweep import RESULTS_CSV, RESULTS_JSON, SweepRow, command_sweep
-from posthoc_ema.synthesize import (
+from posthoc_ema.sweeps import RESULTS_CSV, RESULTS_JSON, SweepRow, command_sweep
+from posthoc_ema.synthesis import (
     ERROR_WARNING_THRESHOLD,
     Plan,
     PoorReconstructionWarning,

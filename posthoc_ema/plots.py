@@ -18,12 +18,12 @@ import numpy as np
 import numpy.typing as npt
 
 from posthoc_ema import profiles
-from posthoc_ema.synthesize import ERROR_WARNING_THRESHOLD, Plan, PoorReconstructionWarning, plan
+from posthoc_ema.synthesis import ERROR_WARNING_THRESHOLD, Plan, PoorReconstructionWarning, plan
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from posthoc_ema.sweep import SweepResult
+    from posthoc_ema.sweeps import SweepResult
 
 __all__ = ["plot_error_curve", "plot_profile", "plot_sweep"]
 
@@ -79,7 +79,7 @@ def plot_profile(
     plan's step so that 1 is the uniform average over the run.
 
     Args:
-        the_plan: a :func:`~posthoc_ema.synthesize.plan`.
+        the_plan: a :func:`~posthoc_ema.synthesis.plan`.
         index: which of its targets.
         path: where to save the figure; default not saved.
         figsize: inches.
@@ -167,7 +167,7 @@ def plot_error_curve(
     """Predicted reconstruction error across sigma_rel for the snapshots on disk (log scale).
 
     Reads only the snapshots' headers. The tracked sigma_rels are marked, the
-    range outside them shaded, and :data:`~posthoc_ema.synthesize.ERROR_WARNING_THRESHOLD`
+    range outside them shaded, and :data:`~posthoc_ema.synthesis.ERROR_WARNING_THRESHOLD`
     drawn as a line.
 
     Args:
@@ -183,7 +183,7 @@ def plot_error_curve(
 
     Raises:
         ImportError: if matplotlib is not installed.
-        ValueError, SnapshotError: as for :func:`~posthoc_ema.synthesize.plan`.
+        ValueError, SnapshotError: as for :func:`~posthoc_ema.synthesis.plan`.
 
     Example:
         >>> plot_error_curve("ckpts", np.linspace(0.01, 0.25, 97), "error.png")  # doctest: +SKIP
@@ -271,12 +271,12 @@ def plot_sweep(
     """A sweep's metric against sigma_rel, the best point and the tracked sigma_rels marked.
 
     Targets whose predicted reconstruction error exceeds
-    :data:`~posthoc_ema.synthesize.ERROR_WARNING_THRESHOLD` are drawn hollow (their
+    :data:`~posthoc_ema.synthesis.ERROR_WARNING_THRESHOLD` are drawn hollow (their
     weights average the run differently from their label); failed evaluations are
     marked with a cross on the x axis.
 
     Args:
-        result: a :class:`~posthoc_ema.sweep.SweepResult`.
+        result: a :class:`~posthoc_ema.sweeps.SweepResult`.
         path: where to save the figure; default not saved.
         metric: the metric to draw; default the one the result ranks by.
         figsize: inches.

@@ -27,7 +27,7 @@ from posthoc_ema.snapshots import (
 )
 
 if TYPE_CHECKING:
-    from posthoc_ema.synthesize import StateDict
+    from posthoc_ema.synthesis import StateDict
 
 __all__ = ["PostHocEMA", "clean_key"]
 
@@ -487,7 +487,7 @@ class PostHocEMA:
 
         See :func:`posthoc_ema.synthesize`.
         """
-        from posthoc_ema.synthesize import synthesize
+        from posthoc_ema.synthesis import synthesize
 
         if self.snapshot_dir is None:
             raise ValueError("this PostHocEMA has no snapshot_dir to synthesize from")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import decimal
-import importlib
 import json
 import os
 import re
@@ -22,14 +21,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+import posthoc_ema.snapshots as snapshots_module
+import posthoc_ema.synthesis as synthesize_module
 from posthoc_ema import PostHocEMA, cli, sigma_rel_to_gamma
 from posthoc_ema._version import __version__
 from posthoc_ema.snapshots import SnapshotInfo, list_snapshots, snapshot_name, write_atomic
-from posthoc_ema.synthesize import plan, synthesize, synthesize_many
-
-# `posthoc_ema.synthesize` is also the name of a function the package exports.
-synthesize_module = importlib.import_module("posthoc_ema.synthesize")
-snapshots_module = importlib.import_module("posthoc_ema.snapshots")
+from posthoc_ema.synthesis import plan, synthesize, synthesize_many
 
 LAST, MID, EVERY = 600, 300, 50
 

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from posthoc_ema import PostHocEMA, cli
 from posthoc_ema.plots import DPI, FIGSIZE, plot_error_curve, plot_profile, plot_sweep
-from posthoc_ema.sweep import EvaluationError, SweepResult, SweepRow, sweep
-from posthoc_ema.synthesize import PoorReconstructionWarning, plan
+from posthoc_ema.sweeps import EvaluationError, SweepResult, SweepRow, sweep
+from posthoc_ema.synthesis import PoorReconstructionWarning, plan
 
 LAST, EVERY = 300, 30
 PIXELS = (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))
@@ -188,7 +188,7 @@ import sys, matplotlib
 backend = lambda: dict.__getitem__(matplotlib.rcParams, "backend")  # read without resolving it
 before = backend()
 from posthoc_ema.plots import plot_profile
-from posthoc_ema.synthesize import plan
+from posthoc_ema.synthesis import plan
 plot_profile(plan({str(run_dir)!r}, 0.07), 0, {str(tmp_path / "p.png")!r})
 print("matplotlib.pyplot" in sys.modules, backend() == before)
 """

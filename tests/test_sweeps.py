@@ -1,4 +1,4 @@
-"""posthoc_ema.sweep: the library sweep, its result table, external evaluation commands, and ``posthoc-ema sweep``."""
+"""posthoc_ema.sweeps: the library sweep, its result table, external evaluation commands, and ``posthoc-ema sweep``."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-import posthoc_ema.sweep as sweep_module
+import posthoc_ema.sweeps as sweep_module
 from posthoc_ema import PostHocEMA, cli
-from posthoc_ema.sweep import (
+from posthoc_ema.sweeps import (
     RESULTS_CSV,
     RESULTS_JSON,
     EvaluationError,
@@ -32,7 +32,7 @@ from posthoc_ema.sweep import (
     target_bytes,
     weights_name,
 )
-from posthoc_ema.synthesize import PoorReconstructionWarning, plan, synthesize_many
+from posthoc_ema.synthesis import PoorReconstructionWarning, plan, synthesize_many
 
 LAST, EVERY = 400, 40
 TARGETS = (0.05, 0.07, 0.1, 0.13)  # all reconstructed to well under 5%

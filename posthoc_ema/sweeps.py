@@ -1,6 +1,6 @@
 """Sweep sigma_rel: synthesize many EMAs from the snapshots, evaluate each, keep the best.
 
-:func:`sweep` solves one :func:`~posthoc_ema.synthesize.plan` for every target,
+:func:`sweep` solves one :func:`~posthoc_ema.synthesis.plan` for every target,
 then streams the snapshots once per batch of targets (one batch when the outputs
 fit in :data:`DEFAULT_MEMORY_BUDGET`), calls your ``evaluate(state_dict)`` on each
 synthesized EMA and returns a :class:`SweepResult` table: sigma_rel, the metric(s),
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from posthoc_ema.snapshots import FLOATING_DTYPES, ITEMSIZE, atomic_path, parse_dtype
-from posthoc_ema.synthesize import (
+from posthoc_ema.synthesis import (
     Plan,
     StateDict,
     format_error,
@@ -417,7 +417,7 @@ def sweep(
 ) -> SweepResult:
     """Synthesize the EMA of each sigma_rel, evaluate it, and tabulate the results.
 
-    One :func:`~posthoc_ema.synthesize.plan` covers every target; the snapshots are
+    One :func:`~posthoc_ema.synthesis.plan` covers every target; the snapshots are
     then streamed once per batch of targets, a batch being as many targets as fit
     in ``memory_budget`` (estimated from the snapshot headers). Each synthesized
     state dict is passed to ``evaluate`` and dropped before the next batch.
@@ -443,14 +443,14 @@ def sweep(
         A :class:`SweepResult`, rows sorted by sigma_rel.
 
     Raises:
-        ValueError, SnapshotError: as for :func:`~posthoc_ema.synthesize.plan`, for
+        ValueError, SnapshotError: as for :func:`~posthoc_ema.synthesis.plan`, for
             repeated targets, a non-positive batch size or budget, or a ``metric``
             missing from what ``evaluate`` returned.
         TypeError: if ``evaluate`` returns something other than a number or a dict of numbers.
 
     Warns:
         PoorReconstructionWarning: once, naming the targets whose predicted error
-            is above :data:`~posthoc_ema.synthesize.ERROR_WARNING_THRESHOLD`.
+            is above :data:`~posthoc_ema.synthesis.ERROR_WARNING_THRESHOLD`.
 
     Example:
         >>> def evaluate(state_dict):

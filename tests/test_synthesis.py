@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from posthoc_ema import PostHocEMA, SnapshotError, sigma_rel_to_gamma, solve_coefficients
 from posthoc_ema._version import __version__
 from posthoc_ema.snapshots import SnapshotInfo, snapshot_name, write_atomic
-from posthoc_ema.synthesize import (
+from posthoc_ema.synthesis import (
     ERROR_WARNING_THRESHOLD,
     PoorReconstructionWarning,
     plan,
@@ -490,7 +490,7 @@ PEAK_RSS = textwrap.dedent(
     from pathlib import Path
     import torch
     from safetensors.torch import load_file
-    from posthoc_ema.synthesize import synthesize
+    from posthoc_ema.synthesis import synthesize
     warnings.simplefilter("ignore")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if sys.argv[2] == "synthesize":
