@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import itertools
 import math
 import os
@@ -325,14 +326,15 @@ def run(
             break
         buffers = [torch.empty(len(batch), min(chunk, total), dtype=torch.float32) for _ in range(2)]
         w = weights[:, first : first + len(batch)]
+        bases = [_flat_base(info, keys, starts) for info in batch]
         with contextlib.ExitStack() as stack, ThreadPoolExecutor(1) as reader, _one_torch_thread(dev):
             files = [stack.enter_context(_open_raw(info)) for info in batch]
-
-            pending = reader.submit(_fill, buffers[0], *bounds[0], files, batch, keys, starts)
+            fill = functools.partial(_fill, files=files, infos=batch, bases=bases, keys=keys, starts=starts)
+            pending = reader.submit(fill, buffers[0], *bounds[0])
             for n, (e0, e1) in enumerate(bounds):
                 x = pending.result().to(dev)  # a copy for a GPU, so the buffer can be refilled
                 if n + 1 < len(bounds):
-                    pending = reader.submit(_fill, buffers[(n + 1) % 2], *bounds[n + 1], files, batch, keys, starts)
+                    pending = reader.submit(fill, buffers[(n + 1) % 2], *bounds[n + 1])
                 sums[:, e0:e1].addmm_(w, x, beta=1.0 if first else 0.0)
                 done += (e1 - e0) * len(batch)
                 if progress is not None:
@@ -354,16 +356,31 @@ def _fill(
     buffer: torch.Tensor,
     e0: int,
     e1: int,
+    *,
     files: Sequence[int],
     infos: Sequence[SnapshotInfo],
+    bases: Sequence[int | None],
     keys: Sequence[str],
     starts: Sequence[int],
 ) -> torch.Tensor:
     """Rows of elements ``[e0, e1)`` of each snapshot's flat floating vector, in ``buffer``."""
     rows = buffer[:, : e1 - e0]
-    for row, fd, info in zip(rows, files, infos, strict=True):
-        _read_flat(fd, info, keys, starts, e0, e1, row)
+    arrays = rows.numpy()
+    for i, (fd, info, base) in enumerate(zip(files, infos, bases, strict=True)):
+        if base is None:
+            _read_flat(fd, info, keys, starts, e0, e1, rows[i])
+        elif os.preadv(fd, [arrays[i]], base + 4 * e0) != arrays[i].nbytes:
+            raise SnapshotError(f"{info.path}: file ended early; it is truncated")
     return rows
+
+
+def _flat_base(info: SnapshotInfo, keys: Sequence[str], starts: Sequence[int]) -> int | None:
+    """Where the flat vector lies in the file, when it is float32 and stored back to back (as the tracker writes)."""
+    base = info.offsets[keys[0]] if keys else 0
+    for key, start in zip(keys, starts, strict=False):
+        if info.tensors[key][0] != "F32" or info.offsets[key] != base + 4 * start:
+            return None
+    return base
 
 
 @contextlib.contextmanager
