@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -31,6 +32,7 @@ from posthoc_ema.profiles import MAX_SIGMA_REL
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "SYNTHESIZED_FORMAT",
     "BackgroundWriter",
     "SnapshotError",
     "SnapshotInfo",
@@ -40,6 +42,7 @@ __all__ = [
     "read_info",
     "snapshot_name",
     "write_atomic",
+    "write_safetensors",
 ]
 
 log = logging.getLogger(__name__)
@@ -164,8 +167,16 @@ def _info_from_header(path: Path, meta: Mapping[str, str], table: Mapping[str, M
         if isinstance(err, SnapshotError):
             raise
         raise SnapshotError(f"{path}: snapshot metadata has a malformed value ({err})") from None
-    if info.step <= 0 or not (0 < info.sigma_rel < MAX_SIGMA_REL) or not info.gamma > 0:
-        raise SnapshotError(f"{path}: snapshot metadata is out of range (step={info.step}, sigma_rel={info.sigma_rel})")
+    for name, value, allowed in (
+        ("step", info.step, info.step > 0),
+        ("sigma_rel", info.sigma_rel, 0 < info.sigma_rel < MAX_SIGMA_REL),
+        ("gamma", info.gamma, 0 < info.gamma < math.inf),
+    ):
+        if not allowed:
+            raise SnapshotError(
+                f"{path}: snapshot metadata has {name}={value!r}; step must be > 0, "
+                f"sigma_rel in (0, {MAX_SIGMA_REL:.4f}) and gamma in (0, inf)"
+            )
     return info
 
 
@@ -274,14 +285,16 @@ def write_safetensors(
 ) -> None:
     """Write ``tensors`` to ``path`` in the safetensors format, the same bytes for the same input.
 
-    Floating tensors come first, then the others, each group by name (so the
-    averaged tensors of a snapshot form one run of bytes); metadata is sorted.
+    Tensors are ordered by element size (widest first, so each is aligned), then
+    floating before others, then name; metadata is sorted.
     Writes the file in place: use :func:`write_atomic` for a file others may read.
 
     Raises:
         ValueError: for a tensor of a dtype snapshots do not store.
     """
-    order = sorted(tensors, key=lambda name: (not tensors[name].is_floating_point(), name))
+    # Widest elements first keeps every tensor aligned; within a width, floating
+    # tensors first, so a snapshot's averaged tensors form one run of bytes.
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), not tensors[n].is_floating_point(), n))
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
     offset = 0
     for name in order:

@@ -43,6 +43,7 @@ __all__ = [
     "Plan",
     "PoorReconstructionWarning",
     "StateDict",
+    "format_error",
     "plan",
     "run",
     "save",
@@ -202,7 +203,7 @@ def plan(
         A :class:`Plan` with coefficients and predicted errors.
 
     Raises:
-        ValueError: for a sigma_rel out of range or a step that is not a snapshot step.
+        ValueError: for a sigma_rel out of range, a repeated target, or a step that is not a snapshot step.
         SnapshotError: for a missing folder, a folder without snapshots, a corrupt
             snapshot, snapshots that disagree on tensors, or a repeated (step, sigma_rel).
 
@@ -245,7 +246,7 @@ def plan(
         warnings.warn(
             f"{len(poor)} of {len(targets)} targets (sigma_rel {', '.join(f'{s:.4g}' for s, _ in poor)}) "
             f"have a predicted relative error above {ERROR_WARNING_THRESHOLD:.0%} "
-            f"({', '.join(f'{err:.1%}' for _, err in poor)}): their EMAs average the run differently from "
+            f"({', '.join(format_error(err) for _, err in poor)}): their EMAs average the run differently from "
             "the requested profile; track sigma_rels around them or snapshot more often",
             PoorReconstructionWarning,
             stacklevel=2,
@@ -272,7 +273,7 @@ def synthesize_many(
         sigma_rels: target sigma_rels.
         step: snapshot step to reconstruct at; default the latest.
         device: where to accumulate (``"cuda"`` for a GPU); default CPU.
-        dtype: dtype of floating outputs (float32, bfloat16, float16).
+        dtype: dtype of floating outputs (float32, float64, bfloat16, float16).
         progress: called with (bytes done, bytes total) as the pass goes on.
 
     Returns:

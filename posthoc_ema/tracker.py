@@ -453,7 +453,8 @@ class PostHocEMA:
                 named = {k: p.view(shape) for k, p, shape in zip(self._floating_keys, parts, shapes, strict=True)}
                 write_atomic(info.path, named | others, info.metadata())
             finally:
-                self._spare.append(flat)
+                if len(self._spare) < len(self.sigma_rels):  # keep one per EMA; drop extras a slow disk made
+                    self._spare.append(flat)
 
         return write
 
@@ -474,6 +475,7 @@ class PostHocEMA:
             finally:
                 self._writer.close()
                 self._writer = None
+                self._spare.clear()
 
     def synthesize(
         self,

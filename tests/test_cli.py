@@ -240,7 +240,7 @@ def test_poor_reconstruction_is_a_warning_line(run_dir: Path, tmp_path: Path) ->
     lines = stderr.splitlines()
     assert len(lines) == 1
     assert re.fullmatch(
-        r"warning: 1 of 2 targets \(sigma_rel 0.27\) have a predicted relative error above 5% \(\d+\.\d%\): .*",
+        r"warning: 1 of 2 targets \(sigma_rel 0.27\) have a predicted relative error above 5% \(\d+\.\d\d%\): .*",
         lines[0],
     )
     assert "outside the tracked range, POOR" in stdout

@@ -337,7 +337,7 @@ def test_save_writes_a_self_describing_file(trajectory_run: Run, tmp_path: Path)
 def test_poor_reconstruction_warns(trajectory_run: Run) -> None:
     with pytest.warns(
         PoorReconstructionWarning,
-        match=r"^1 of \d targets \(sigma_rel 0.27\) have a predicted relative error above 5% \(\d+\.\d%\)",
+        match=r"^1 of \d targets \(sigma_rel 0.27\) have a predicted relative error above 5% \(\d+\.\d\d%\)",
     ):
         p = plan(trajectory_run.folder, [0.07, 0.27])
     assert p.errors[1] > ERROR_WARNING_THRESHOLD > p.errors[0]
