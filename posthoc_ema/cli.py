@@ -259,6 +259,21 @@ def _output_paths(output: Path | None, the_plan: Plan) -> list[Path]:
 
 # -- commands ---------------------------------------------------------------------
 
+CkptDir = Annotated[
+    Path, typer.Argument(help="Folder of snapshots written by PostHocEMA.", metavar="CKPT_DIR", show_default=False)
+]
+SigmaRels = Annotated[
+    list[str],
+    typer.Option(
+        "--sigma-rel",
+        "-s",
+        metavar="SIGMA_REL",
+        help="Target sigma_rel; repeat it, or give a range START:STOP:STEP (STOP included when on the grid).",
+        callback=_sigma_rels_option,
+        show_default=False,
+    ),
+]
+
 
 def _version(value: bool) -> None:
     if value:
@@ -277,20 +292,8 @@ def _root(
 
 @app.command()
 def synthesize(
-    ckpt_dir: Annotated[
-        Path, typer.Argument(help="Folder of snapshots written by PostHocEMA.", metavar="CKPT_DIR", show_default=False)
-    ],
-    sigma_rel: Annotated[
-        list[str],
-        typer.Option(
-            "--sigma-rel",
-            "-s",
-            metavar="SIGMA_REL",
-            help="Target sigma_rel; repeat it, or give a range START:STOP:STEP (STOP included when on the grid).",
-            callback=_sigma_rels_option,
-            show_default=False,
-        ),
-    ],
+    ckpt_dir: CkptDir,
+    sigma_rel: SigmaRels,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -464,7 +467,7 @@ def _print_info(summary: dict[str, Any]) -> None:
 
 @app.command()
 def info(
-    ckpt_dir: Annotated[Path, typer.Argument(help="Folder of snapshots.", metavar="CKPT_DIR", show_default=False)],
+    ckpt_dir: CkptDir,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of text.")] = False,
 ) -> None:
     """Summarize a snapshot folder: steps, sigma_rels, size, dtypes, and anything odd."""
@@ -507,20 +510,8 @@ def _plot_or_say(draw: Any, *args: Any) -> bool:
 
 @app.command("sweep")
 def sweep_command(
-    ckpt_dir: Annotated[
-        Path, typer.Argument(help="Folder of snapshots written by PostHocEMA.", metavar="CKPT_DIR", show_default=False)
-    ],
-    sigma_rel: Annotated[
-        list[str],
-        typer.Option(
-            "--sigma-rel",
-            "-s",
-            metavar="SIGMA_REL",
-            help="Target sigma_rel; repeat it, or give a range START:STOP:STEP (STOP included when on the grid).",
-            callback=_sigma_rels_option,
-            show_default=False,
-        ),
-    ],
+    ckpt_dir: CkptDir,
+    sigma_rel: SigmaRels,
     eval_command: Annotated[
         str,
         typer.Option(
@@ -618,7 +609,7 @@ def sweep_command(
 
 @app.command("plot")
 def plot_command(
-    ckpt_dir: Annotated[Path, typer.Argument(help="Folder of snapshots.", metavar="CKPT_DIR", show_default=False)],
+    ckpt_dir: CkptDir,
     sigma_rel: Annotated[
         float | None,
         typer.Option(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import safetensors
 import torch
+from helpers import write_snapshot
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -292,34 +293,21 @@ def _corrupt_header(folder: Path) -> str:
     return rf"error: {re.escape(str(path))}: unreadable safetensors header \(.*\)"
 
 
-def _write(folder: Path, step: int, sigma_rel: float, tensors: dict[str, torch.Tensor], name: str = "") -> None:
-    info = SnapshotInfo(
-        path=folder / (name or snapshot_name(step, sigma_rel)),
-        step=step,
-        sigma_rel=sigma_rel,
-        gamma=float(sigma_rel_to_gamma(sigma_rel)),
-        dtype="float32",
-        update_every=1,
-        library_version=__version__,
-    )
-    write_atomic(info.path, tensors, info.metadata())
-
-
 def _other_names(folder: Path) -> str:
-    _write(folder, LAST + 100, 0.05, {"w": torch.zeros(2)})
+    write_snapshot(folder, LAST + 100, 0.05, {"w": torch.zeros(2)})
     return r"error: .*: tensor names differ \(e\.g\. '0\.bias'\)"
 
 
 def _other_shapes(folder: Path) -> str:
     tensors, _ = read(folder / snapshot_name(LAST, 0.05))
     tensors["0.weight"] = torch.zeros(2, 2)
-    _write(folder, LAST + 100, 0.1, tensors)
+    write_snapshot(folder, LAST + 100, 0.1, tensors)
     return r"error: .*: tensor '0\.weight' has shape \(2, 2\), not \(4, 6\)"
 
 
 def _two_runs(folder: Path) -> str:
     tensors, _ = read(folder / snapshot_name(MID, 0.1))
-    _write(folder, MID, 0.1, tensors, name="run2.safetensors")
+    write_snapshot(folder, MID, 0.1, tensors, name="run2.safetensors")
     return r"error: .* are both snapshots of sigma_rel=0\.1 at step 300; is the folder mixing two runs\?"
 
 

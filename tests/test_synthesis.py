@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from posthoc_ema import PostHocEMA, SnapshotError, sigma_rel_to_gamma, solve_coefficients
+from posthoc_ema import PostHocEMA, SnapshotError, solve_coefficients
 from posthoc_ema._version import __version__
-from posthoc_ema.snapshots import SnapshotInfo, snapshot_name, write_atomic
+from posthoc_ema.snapshots import snapshot_name
 from posthoc_ema.synthesis import (
     ERROR_WARNING_THRESHOLD,
     PoorReconstructionWarning,
@@ -344,20 +345,6 @@ def test_poor_reconstruction_warns(trajectory_run: Run) -> None:
 
 
 # -- bad folders and arguments ---------------------------------------------------------
-
-
-def write_snapshot(folder: Path, step: int, sigma_rel: float, tensors: dict[str, torch.Tensor], name: str = "") -> Path:
-    info = SnapshotInfo(
-        path=folder / (name or snapshot_name(step, sigma_rel)),
-        step=step,
-        sigma_rel=sigma_rel,
-        gamma=float(sigma_rel_to_gamma(sigma_rel)),
-        dtype="float32",
-        update_every=1,
-        library_version=__version__,
-    )
-    write_atomic(info.path, tensors, info.metadata())
-    return info.path
 
 
 def small_tensors(step: int, sigma_rel: float) -> dict[str, torch.Tensor]:
