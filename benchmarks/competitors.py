@@ -37,7 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -254,35 +256,22 @@ def job_update(args) -> None:
     )
 
 
-def job_make_snapshots(args) -> None:
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    model = build_model(args.shape)
-    params = [p.detach() for p in model.parameters()]
-    dtype = getattr(torch, args.dtype)
-    step = make_tracker(args.lib, model, out, args.every, dtype, max_snapshots=args.snapshots)
-    # "training": each step adds a shifted view of one fixed noise vector to every tensor
+def training_noise(params: list[torch.Tensor]) -> Callable[[int], None]:
+    """The make-snapshots "training", the same for every library: step t adds a
+    shifted view of one fixed noise vector to every tensor."""
     generator = torch.Generator().manual_seed(1)
     noise = 1e-2 * torch.randn(max(p.numel() for p in params) + 4096, generator=generator)
-    start = time.perf_counter()
-    for t in range(args.snapshots * args.every):
+
+    def train_step(t: int) -> None:
         for i, p in enumerate(params):
             offset = (t * 7919 + i * 104729) % 4096
             p.add_(noise[offset : offset + p.numel()].view_as(p))
-        step()
-    seconds = time.perf_counter() - start
-    os.sync()  # so that writing back these GiBs does not overlap a later synthesize job
-    files = sorted(out.glob("*.pt"))
-    meta = {
-        "lib": args.lib,
-        "shape": args.shape,
-        "dtype": args.dtype,
-        "sigma_rels": SIGMA_RELS,
-        "snapshots_per_ema": args.snapshots,
-        "every": args.every,
-    }
+
+    return train_step
+
+
+def emit_folder(meta: dict[str, Any], model: nn.Module, out: Path, files: list[Path], seconds: float) -> None:
+    """Record a snapshot folder: its meta.json, and the job's JSON line."""
     (out / "meta.json").write_text(json.dumps(meta))
     emit(
         {
@@ -295,6 +284,34 @@ def job_make_snapshots(args) -> None:
             "seconds": seconds,
         }
     )
+
+
+def job_make_snapshots(args) -> None:
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    model = build_model(args.shape)
+    params = [p.detach() for p in model.parameters()]
+    dtype = getattr(torch, args.dtype)
+    step = make_tracker(args.lib, model, out, args.every, dtype, max_snapshots=args.snapshots)
+    train_step = training_noise(params)
+    start = time.perf_counter()
+    for t in range(args.snapshots * args.every):
+        train_step(t)
+        step()
+    seconds = time.perf_counter() - start
+    os.sync()  # so that writing back these GiBs does not overlap a later synthesize job
+    files = sorted(out.glob("*.pt"))
+    meta = {
+        "lib": args.lib,
+        "shape": args.shape,
+        "dtype": args.dtype,
+        "sigma_rels": SIGMA_RELS,
+        "snapshots_per_ema": args.snapshots,
+        "every": args.every,
+    }
+    emit_folder(meta, model, out, files, seconds)
 
 
 def job_synthesize(args) -> None:

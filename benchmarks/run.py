@@ -56,10 +56,12 @@ from competitors import (
     build_model,
     checksum,
     emit,
+    emit_folder,
     model_stats,
     peak_rss_mb,
     rss_mb,
     time_calls,
+    training_noise,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -294,19 +296,6 @@ def job_snapshot(args: argparse.Namespace) -> None:
     )
 
 
-def _training_noise(params: list[torch.Tensor]) -> Callable[[int], None]:
-    """competitors.py's make-snapshots "training": the same trajectory for every library."""
-    generator = torch.Generator().manual_seed(1)
-    noise = 1e-2 * torch.randn(max(p.numel() for p in params) + 4096, generator=generator)
-
-    def train_step(t: int) -> None:
-        for i, p in enumerate(params):
-            offset = (t * 7919 + i * 104729) % 4096
-            p.add_(noise[offset : offset + p.numel()].view_as(p))
-
-    return train_step
-
-
 def job_make_snapshots(args: argparse.Namespace) -> None:
     """A folder of our snapshots, from the same training trajectory as the competitors'."""
     from posthoc_ema import PostHocEMA, __version__
@@ -317,7 +306,7 @@ def job_make_snapshots(args: argparse.Namespace) -> None:
     model = build_model(args.shape)
     params = [p.detach() for p in model.parameters()]
     tracker = PostHocEMA(model, SIGMA_RELS, snapshot_dir=out, snapshot_every=args.every)
-    train_step = _training_noise(params)
+    train_step = training_noise(params)
     start = time.perf_counter()
     for t in range(args.snapshots * args.every):
         train_step(t)
@@ -336,18 +325,7 @@ def job_make_snapshots(args: argparse.Namespace) -> None:
         "snapshots_per_ema": args.snapshots,
         "every": args.every,
     }
-    (out / "meta.json").write_text(json.dumps(meta))
-    emit(
-        {
-            "job": "make-snapshots",
-            **meta,
-            **model_stats(model),
-            "folder": str(out),
-            "files": len(files),
-            "bytes": sum(f.stat().st_size for f in files),
-            "seconds": seconds,
-        }
-    )
+    emit_folder(meta, model, out, files, seconds)
 
 
 def cpu_seconds() -> float:
