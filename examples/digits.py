@@ -3,12 +3,12 @@
 A small MLP is trained with plain SGD at a learning rate high enough that the raw
 weights stay noisy to the end, while :class:`posthoc_ema.PostHocEMA` tracks two
 power-function EMAs (sigma_rel 0.05 and 0.10) and snapshots them every 100 steps.
-After training, :func:`posthoc_ema.sweeps.sweep` synthesizes the EMA of every
+After training, :func:`posthoc_ema.sweep` synthesizes the EMA of every
 sigma_rel from 0.01 to 0.25 out of those snapshots and scores each on the
 validation split; the best is then compared on the test split with the raw final
 weights and the two tracked EMAs.
 
-    python examples/digits.py --out digits-out     # about 20 s on 2 CPU cores
+    python examples/digits.py --out digits-out     # a few seconds on 2 CPU cores
     python examples/digits.py --quick --out /tmp/digits   # a tiny run, for tests
 
 Needs scikit-learn (the data ships with it) and, for the figures, matplotlib:
@@ -30,8 +30,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
 
-from posthoc_ema import PostHocEMA
-from posthoc_ema.sweeps import SweepResult, sweep
+from posthoc_ema import PostHocEMA, SweepResult, sweep
 from posthoc_ema.synthesis import PoorReconstructionWarning, plan, synthesize
 
 TRACKED = (0.05, 0.10)
