@@ -262,6 +262,10 @@ def _output_paths(output: Path | None, the_plan: Plan) -> list[Path]:
 CkptDir = Annotated[
     Path, typer.Argument(help="Folder of snapshots written by PostHocEMA.", metavar="CKPT_DIR", show_default=False)
 ]
+Step = Annotated[
+    int | None,
+    typer.Option(min=1, help="Snapshot step to reconstruct at. Default: the latest.", show_default=False),
+]
 SigmaRels = Annotated[
     list[str],
     typer.Option(
@@ -304,10 +308,7 @@ def synthesize(
             show_default=False,
         ),
     ] = None,
-    step: Annotated[
-        int | None,
-        typer.Option(min=1, help="Snapshot step to reconstruct at. Default: the latest.", show_default=False),
-    ] = None,
+    step: Step = None,
     device: Annotated[Device, typer.Option(help="Where to accumulate.")] = Device.cpu,
     dtype: Annotated[OutputDtype, typer.Option(help="Dtype of the floating tensors written.")] = OutputDtype.float32,
     dry_run: Annotated[
@@ -545,10 +546,7 @@ def sweep_command(
             "Run again with the same folder to resume: targets already evaluated are skipped.",
         ),
     ] = Path("sweep"),
-    step: Annotated[
-        int | None,
-        typer.Option(min=1, help="Snapshot step to reconstruct at. Default: the latest.", show_default=False),
-    ] = None,
+    step: Step = None,
     timeout: Annotated[
         float | None,
         typer.Option(help="Seconds each evaluation may take (it is killed after).", show_default=False),
@@ -640,10 +638,7 @@ def plot_command(
             show_default=False,
         ),
     ] = None,
-    step: Annotated[
-        int | None,
-        typer.Option(min=1, help="Snapshot step to reconstruct at. Default: the latest.", show_default=False),
-    ] = None,
+    step: Step = None,
 ) -> None:
     """Draw a reconstructed EMA profile (--sigma-rel) or the predicted error across sigma_rel (--error-curve)."""
     grid: list[float] | None = error_curve  # type: ignore[assignment]  # converted by the callback
