@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from typer.testing import CliRunner
 
-from posthoc_ema import sigma_rel_to_gamma
+from posthoc_ema import PostHocEMA, cli, sigma_rel_to_gamma
 from posthoc_ema._version import __version__
 from posthoc_ema.snapshots import SnapshotInfo, snapshot_name, write_atomic
 
@@ -24,3 +25,35 @@ def write_snapshot(folder: Path, step: int, sigma_rel: float, tensors: dict[str,
     )
     write_atomic(info.path, tensors, info.metadata())
     return info.path
+
+
+def make_model() -> torch.nn.Module:
+    """A small model with a parameter-free integer buffer (BatchNorm's counter), seeded."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4))
+
+
+def random_walk_run(folder: Path, *, steps: int, every: int, drift: float = 0.0) -> Path:
+    """Snapshots of sigma_rel 0.05 and 0.1 every ``every`` steps of :func:`make_model`,
+    whose floating tensors random-walk (steps of 0.05 sigma, plus ``drift``)."""
+    model = make_model()
+    emas = PostHocEMA(model, (0.05, 0.10), snapshot_dir=folder, snapshot_every=every)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(steps):
+            for t in model.state_dict().values():
+                if t.is_floating_point():
+                    t.add_(torch.randn(t.shape, generator=generator), alpha=0.05).add_(drift)
+            model[1].num_batches_tracked.add_(1)
+            emas.update()
+    emas.close()
+    return folder
+
+
+def invoke(*args: str | Path, code: int = 0) -> tuple[str, str]:
+    """Run the CLI in-process; check the exit code and that nothing escaped as a traceback."""
+    result = CliRunner().invoke(cli.app, [str(a) for a in args])
+    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    return result.stdout, result.stderr

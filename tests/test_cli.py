@@ -15,16 +15,15 @@ from pathlib import Path
 import pytest
 import safetensors
 import torch
-from helpers import write_snapshot
+from helpers import invoke, make_model, random_walk_run, write_snapshot
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 import posthoc_ema.snapshots as snapshots_module
 import posthoc_ema.synthesis as synthesize_module
-from posthoc_ema import PostHocEMA, cli, sigma_rel_to_gamma
+from posthoc_ema import cli, sigma_rel_to_gamma
 from posthoc_ema._version import __version__
 from posthoc_ema.snapshots import SnapshotInfo, list_snapshots, snapshot_name, write_atomic
 from posthoc_ema.synthesis import plan, synthesize, synthesize_many
@@ -32,27 +31,10 @@ from posthoc_ema.synthesis import plan, synthesize, synthesize_many
 LAST, MID, EVERY = 600, 300, 50
 
 
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4))
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Snapshots of sigma_rel 0.05 and 0.1 every 50 steps up to step 600, of a model that random-walks."""
-    folder = tmp_path_factory.mktemp("ckpts")
-    model = make_model()
-    emas = PostHocEMA(model, (0.05, 0.10), snapshot_dir=folder, snapshot_every=EVERY)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _ in range(LAST):
-            for t in model.state_dict().values():
-                if t.is_floating_point():
-                    t.add_(torch.randn(t.shape, generator=generator), alpha=0.05)
-            model[1].num_batches_tracked.add_(1)
-            emas.update()
-    emas.close()
-    return folder
+    return random_walk_run(tmp_path_factory.mktemp("ckpts"), steps=LAST, every=EVERY)
 
 
 @pytest.fixture
@@ -66,15 +48,6 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     out.mkdir()
     monkeypatch.chdir(out)
     return out
-
-
-def invoke(*args: str | Path, code: int = 0) -> tuple[str, str]:
-    """Run the app in-process; check the exit code and that nothing escaped as a traceback."""
-    result = CliRunner().invoke(cli.app, [str(a) for a in args])
-    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    return result.stdout, result.stderr
 
 
 def one_error_line(stderr: str) -> str:

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from helpers import invoke
 
-from posthoc_ema import PostHocEMA, cli
+from posthoc_ema import PostHocEMA
 from posthoc_ema.plots import DPI, FIGSIZE, plot_error_curve, plot_profile, plot_sweep
 from posthoc_ema.sweeps import EvaluationError, SweepResult, SweepRow, sweep
 from posthoc_ema.synthesis import PoorReconstructionWarning, plan
@@ -235,14 +235,6 @@ def test_cli_sweep_without_matplotlib_says_so_in_one_line(no_matplotlib: None, r
 
 
 # -- posthoc-ema plot ------------------------------------------------------------------------------
-
-
-def invoke(*args: str | Path, code: int = 0) -> tuple[str, str]:
-    result = CliRunner().invoke(cli.app, [str(a) for a in args])
-    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    return result.stdout, result.stderr
 
 
 def test_cli_plot_profile(mpl: None, run_dir: Path, tmp_path: Path) -> None:

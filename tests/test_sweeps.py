@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import invoke, random_walk_run
 from hypothesis import given
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
 import posthoc_ema.sweeps as sweep_module
-from posthoc_ema import PostHocEMA, cli
 from posthoc_ema.sweeps import (
     RESULTS_CSV,
     RESULTS_JSON,
@@ -38,27 +37,10 @@ LAST, EVERY = 400, 40
 TARGETS = (0.05, 0.07, 0.1, 0.13)  # all reconstructed to well under 5%
 
 
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4))
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Snapshots of sigma_rel 0.05 and 0.1 every 40 steps to step 400, of weights that drift and jitter."""
-    folder = tmp_path_factory.mktemp("ckpts")
-    model = make_model()
-    emas = PostHocEMA(model, (0.05, 0.10), snapshot_dir=folder, snapshot_every=EVERY)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _ in range(LAST):
-            for t in model.state_dict().values():
-                if t.is_floating_point():
-                    t.add_(torch.randn(t.shape, generator=generator), alpha=0.05).add_(0.01)
-            model[1].num_batches_tracked.add_(1)
-            emas.update()
-    emas.close()
-    return folder
+    return random_walk_run(tmp_path_factory.mktemp("ckpts"), steps=LAST, every=EVERY, drift=0.01)
 
 
 def weight_norm(state_dict: dict[str, torch.Tensor]) -> float:
@@ -542,14 +524,6 @@ def evaluator(tmp_path: Path) -> Callable[..., str]:
 def calls(tmp_path: Path) -> list[float]:
     log = tmp_path / "calls.log"
     return [float(line) for line in log.read_text().split()] if log.exists() else []
-
-
-def invoke(*args: str | Path, code: int = 0) -> tuple[str, str]:
-    result = CliRunner().invoke(cli.app, [str(a) for a in args])
-    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    return result.stdout, result.stderr
 
 
 def test_command_sweep_writes_weights_and_results(run_dir: Path, tmp_path: Path, evaluator: Callable[..., str]) -> None:
