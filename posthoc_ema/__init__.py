@@ -1,6 +1,13 @@
 """posthoc-ema: choose your EMA after training (EDM2 power-function EMA, post-hoc synthesis)."""
 
 from posthoc_ema._version import __version__
+from posthoc_ema.errors import (
+    EvaluationError,
+    PoorReconstructionWarning,
+    PostHocEMAError,
+    SnapshotError,
+    SnapshotWriteError,
+)
 from posthoc_ema.profiles import (
     MAX_SIGMA_REL,
     gamma_to_sigma_rel,
@@ -10,12 +17,11 @@ from posthoc_ema.profiles import (
     sigma_rel_to_gamma,
     solve_coefficients,
 )
-from posthoc_ema.snapshots import SnapshotError, SnapshotInfo, SnapshotWriteError, list_snapshots
-from posthoc_ema.sweeps import EvaluationError, SweepResult, SweepRow, sweep
+from posthoc_ema.snapshots import SnapshotInfo, list_snapshots
+from posthoc_ema.sweeps import SweepResult, SweepRow, sweep
 from posthoc_ema.synthesis import (
     ERROR_WARNING_THRESHOLD,
     Plan,
-    PoorReconstructionWarning,
     plan,
     synthesize,
     synthesize_many,
@@ -29,6 +35,7 @@ __all__ = [
     "Plan",
     "PoorReconstructionWarning",
     "PostHocEMA",
+    "PostHocEMAError",
     "SnapshotError",
     "SnapshotInfo",
     "SnapshotWriteError",

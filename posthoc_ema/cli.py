@@ -32,8 +32,10 @@ from typing import Annotated, Any
 import typer
 
 from posthoc_ema._version import __version__
+from posthoc_ema.errors import SnapshotError
+from posthoc_ema.files import TMP_SUFFIX
 from posthoc_ema.plots import plot_error_curve, plot_profile, plot_sweep
-from posthoc_ema.snapshots import SUFFIX, TMP_SUFFIX, SnapshotError, SnapshotInfo, read_info
+from posthoc_ema.snapshots import SUFFIX, SnapshotInfo, read_info
 from posthoc_ema.sweeps import RESULTS_CSV, RESULTS_JSON, SweepRow, command_sweep
 from posthoc_ema.synthesis import (
     ERROR_WARNING_THRESHOLD,

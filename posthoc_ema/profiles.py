@@ -20,10 +20,13 @@ import scipy.linalg
 
 __all__ = [
     "MAX_SIGMA_REL",
+    "SIGMA_REL_DIGITS",
+    "canonical_sigma_rel",
     "gamma_to_sigma_rel",
     "power_beta",
     "profile_inner_product",
     "reconstruction_error",
+    "same_sigma_rel",
     "sigma_rel_to_gamma",
     "solve_coefficients",
 ]
@@ -34,6 +37,44 @@ FloatArray = npt.NDArray[np.float64]
 #: Width of the uniform average over the whole run (gamma = 0). Every narrower
 #: width has exactly one profile with gamma > 0, the root EDM2 eq. 126 picks.
 MAX_SIGMA_REL = float(np.sqrt(1.0 / 12.0))
+
+
+#: Significant digits that identify a sigma_rel (see :func:`canonical_sigma_rel`).
+SIGMA_REL_DIGITS = 6
+
+
+def canonical_sigma_rel(sigma_rel: float) -> float:
+    """The value that stands for ``sigma_rel`` wherever sigma_rels are compared, stored or shown.
+
+    Two sigma_rels are the same when they agree to :data:`SIGMA_REL_DIGITS` (6)
+    significant digits. That is far coarser than float noise (``0.07`` against
+    ``np.arange``'s ``0.07000000000000001``) and than float32 rounding
+    (``np.float32(0.05)`` is ``0.05000000074505806``), and far finer than any
+    difference between two EMAs worth telling apart (a relative 1e-6 in sigma_rel).
+    The canonical value is the float of that 6-digit decimal. This is the one
+    rule: the tracker, snapshot metadata, synthesis results and sweeps all use it.
+
+    Args:
+        sigma_rel: a number (Python, NumPy or a 0-d tensor).
+
+    Returns:
+        The canonical float.
+
+    Example:
+        >>> canonical_sigma_rel(0.07000000000000001), canonical_sigma_rel(np.float32(0.05))
+        (0.07, 0.05)
+    """
+    return float(f"{float(sigma_rel):.{SIGMA_REL_DIGITS}g}")
+
+
+def same_sigma_rel(a: float, b: float) -> bool:
+    """Whether two sigma_rels are the same EMA width (see :func:`canonical_sigma_rel`).
+
+    Example:
+        >>> same_sigma_rel(0.05, np.float32(0.05)), same_sigma_rel(0.05, 0.051)
+        (True, False)
+    """
+    return canonical_sigma_rel(a) == canonical_sigma_rel(b)
 
 
 def _check_sigma_rel(sigma_rel: ArrayLike) -> FloatArray:

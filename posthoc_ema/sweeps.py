@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from posthoc_ema.snapshots import FLOATING_DTYPES, ITEMSIZE, atomic_path, parse_dtype
+from posthoc_ema.dtypes import FLOATING_DTYPES, ITEMSIZE, parse_dtype
+from posthoc_ema.errors import EvaluationError
+from posthoc_ema.files import atomic_path
 from posthoc_ema.synthesis import (
     Plan,
     StateDict,
@@ -78,14 +80,6 @@ RESULTS_VERSION = 1
 WEIGHTS_PLACEHOLDER = "{weights}"
 
 Metrics = float | Mapping[str, float]
-
-
-class EvaluationError(RuntimeError):
-    """An evaluation that failed; :func:`sweep` records it in the row and goes on.
-
-    Raise it from ``evaluate`` to mark a target as failed without stopping the
-    sweep; any other exception stops it.
-    """
 
 
 @dataclass(frozen=True)

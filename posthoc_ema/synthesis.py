@@ -27,16 +27,10 @@ from safetensors import safe_open
 
 from posthoc_ema import profiles
 from posthoc_ema._version import __version__
-from posthoc_ema.snapshots import (
-    FLOATING_DTYPES,
-    SYNTHESIZED_FORMAT,
-    SnapshotError,
-    SnapshotInfo,
-    dtype_name,
-    list_snapshots,
-    parse_dtype,
-    write_atomic,
-)
+from posthoc_ema.dtypes import FLOATING_DTYPES, dtype_name, parse_dtype
+from posthoc_ema.errors import PoorReconstructionWarning, SnapshotError
+from posthoc_ema.files import write_atomic
+from posthoc_ema.snapshots import SYNTHESIZED_FORMAT, SnapshotInfo, list_snapshots
 
 __all__ = [
     "ERROR_WARNING_THRESHOLD",
@@ -65,10 +59,6 @@ _CHUNK_BYTES = 2 << 20
 _MIN_READ = 16384
 # Snapshot files open at once; more snapshots are streamed in several passes.
 _MAX_OPEN = 256
-
-
-class PoorReconstructionWarning(UserWarning):
-    """The snapshots reproduce a requested profile only roughly (see :attr:`Plan.errors`)."""
 
 
 @dataclass(frozen=True)
@@ -133,8 +123,35 @@ def format_error(error: float) -> str:
 
 
 def target_key(sigma_rel: float) -> str:
-    """A target's identity: sigma_rels closer than float noise (0.07 vs 0.07000000000000001) are one target."""
-    return f"{sigma_rel:.9g}"
+    """A target's identity as text: the canonical sigma_rel (:func:`~posthoc_ema.profiles.canonical_sigma_rel`)."""
+    return repr(profiles.canonical_sigma_rel(sigma_rel))
+
+
+class ByTarget(dict[float, "StateDict"]):
+    """``{sigma_rel: state_dict}`` whose lookups use the sigma_rel identity rule.
+
+    Keys are canonical sigma_rels (:func:`~posthoc_ema.profiles.canonical_sigma_rel`),
+    and any number equal to one under that rule finds it: ``sds[0.07]`` finds the
+    target built as ``np.arange(0.05, 0.1, 0.01)[2]``, and ``sds[np.float32(0.05)]`` finds 0.05.
+    """
+
+    @staticmethod
+    def _key(key: object) -> object:
+        if isinstance(key, (bool, str)) or not isinstance(key, (int, float, np.number, torch.Tensor)):
+            return key
+        return profiles.canonical_sigma_rel(float(key))
+
+    def __getitem__(self, key: object) -> StateDict:
+        return super().__getitem__(self._key(key))  # type: ignore[index]
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(self._key(key))
+
+    def get(self, key: object, default: object = None) -> object:  # type: ignore[override]
+        return super().get(self._key(key), default)  # type: ignore[call-overload]
+
+    def pop(self, key: object, *default: object) -> object:  # type: ignore[override]
+        return super().pop(self._key(key), *default)  # type: ignore[call-overload]
 
 
 def _layout(info: SnapshotInfo) -> dict[str, tuple[bool, tuple[int, ...]]]:
@@ -212,7 +229,7 @@ def plan(
         >>> p.errors  # doctest: +SKIP
         array([0.0004, 0.0061])
     """
-    targets = tuple(float(s) for s in np.asarray(sigma_rels, dtype=np.float64).reshape(-1))
+    targets = tuple(profiles.canonical_sigma_rel(s) for s in np.asarray(sigma_rels, dtype=np.float64).reshape(-1))
     if not targets:
         raise ValueError("sigma_rels is empty; give at least one target sigma_rel")
     keys = [target_key(s) for s in targets]
@@ -342,7 +359,7 @@ def run(
                     progress(done, work)
     with safe_open(str(latest.path), framework="pt", device="cpu") as f:
         copied = {k: f.get_tensor(k) for k in latest.tensors if k not in keys}
-    result: dict[float, StateDict] = {}
+    result = ByTarget()
     for j, sigma_rel in enumerate(the_plan.sigma_rels):
         sd: StateDict = {
             k: sums[j, a:b].view(latest.tensors[k][1]).to(out_dtype)
@@ -459,7 +476,7 @@ def synthesize(
         >>> sd = synthesize("ckpts", sigma_rel=0.15)  # doctest: +SKIP
         >>> model.load_state_dict(sd)  # doctest: +SKIP
     """
-    return synthesize_many(snapshot_dir, [sigma_rel], step=step, device=device, dtype=dtype)[float(sigma_rel)]
+    return synthesize_many(snapshot_dir, [sigma_rel], step=step, device=device, dtype=dtype)[sigma_rel]
 
 
 def save(path: str | os.PathLike[str], state_dict: StateDict, the_plan: Plan, index: int) -> None:

@@ -5,26 +5,21 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
-import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from posthoc_ema import profiles
 from posthoc_ema._version import __version__
-from posthoc_ema.snapshots import (
-    BackgroundWriter,
-    SnapshotInfo,
-    dtype_name,
-    list_snapshots,
-    parse_dtype,
-    snapshot_name,
-    write_atomic,
-)
+from posthoc_ema.dtypes import dtype_name, parse_dtype
+from posthoc_ema.files import write_atomic
+from posthoc_ema.snapshots import SnapshotInfo, list_snapshots, snapshot_name
+from posthoc_ema.writer import BackgroundWriter
 
 if TYPE_CHECKING:
     from posthoc_ema.synthesis import StateDict
@@ -150,13 +145,13 @@ class PostHocEMA:
         trainable_only: bool = False,
         exclude: Iterable[str] = (),
     ) -> None:
-        sigmas = (float(sigma_rels),) if isinstance(sigma_rels, (int, float)) else tuple(float(s) for s in sigma_rels)
+        given = np.asarray(sigma_rels, dtype=np.float64).reshape(-1)  # a number, a sequence, an array
+        sigmas = tuple(profiles.canonical_sigma_rel(s) for s in given)
         if not sigmas:
             raise ValueError("sigma_rels is empty; give at least one sigma_rel, e.g. (0.05, 0.10)")
         gammas = profiles.sigma_rel_to_gamma(sigmas)  # validates the range
-        names = [snapshot_name(1, s) for s in sigmas]
-        if len(set(names)) != len(names):
-            raise ValueError(f"sigma_rels={sigmas} repeats a value (to 6 significant digits)")
+        if len(set(sigmas)) != len(sigmas):
+            raise ValueError(f"sigma_rels={sigmas} repeats a value (to {profiles.SIGMA_REL_DIGITS} significant digits)")
         for name, value in (("snapshot_every", snapshot_every), ("update_every", update_every)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name}={value!r} is not a positive integer")
@@ -302,7 +297,7 @@ class PostHocEMA:
 
     def _index(self, sigma_rel: float) -> int:
         for i, s in enumerate(self.sigma_rels):
-            if math.isclose(s, sigma_rel, rel_tol=1e-9):
+            if profiles.same_sigma_rel(s, sigma_rel):
                 return i
         raise ValueError(f"sigma_rel={sigma_rel!r} is not tracked; tracked: {', '.join(map(repr, self.sigma_rels))}")
 
@@ -532,7 +527,7 @@ class PostHocEMA:
             raise ValueError(f"state_dict version {state_dict['version']} is newer than this posthoc-ema reads")
         theirs = tuple(float(s) for s in state_dict["sigma_rels"])
         same = len(theirs) == len(self.sigma_rels) and all(
-            math.isclose(a, b) for a, b in zip(theirs, self.sigma_rels, strict=True)
+            profiles.same_sigma_rel(a, b) for a, b in zip(theirs, self.sigma_rels, strict=True)
         )
         if not same:
             raise ValueError(f"the state_dict tracks sigma_rels {theirs}, this PostHocEMA tracks {self.sigma_rels}")

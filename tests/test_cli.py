@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import posthoc_ema.snapshots as snapshots_module
+import posthoc_ema.files as snapshots_module
 import posthoc_ema.synthesis as synthesize_module
 from posthoc_ema import cli, sigma_rel_to_gamma
 from posthoc_ema._version import __version__

@@ -25,10 +25,12 @@ from hypothesis import strategies as st
 import posthoc_ema.profiles as profiles
 from posthoc_ema.profiles import (
     MAX_SIGMA_REL,
+    canonical_sigma_rel,
     gamma_to_sigma_rel,
     power_beta,
     profile_inner_product,
     reconstruction_error,
+    same_sigma_rel,
     sigma_rel_to_gamma,
     solve_coefficients,
 )
@@ -547,3 +549,30 @@ def test_profiles_does_not_import_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# -- the sigma_rel identity rule --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        (0.05, np.float32(0.05), True),
+        (0.07, np.arange(0.05, 0.1, 0.01)[2], True),
+        (0.1, 0.1000001, True),
+        (0.1, 0.100001, False),
+        (0.05, 0.051, False),
+        (1e-300, 1.0000001e-300, True),
+    ],
+)
+def test_same_sigma_rel(a: float, b: float, same: bool) -> None:
+    assert same_sigma_rel(a, b) is same
+    assert same_sigma_rel(b, a) is same
+    assert (canonical_sigma_rel(a) == canonical_sigma_rel(b)) is same
+
+
+@given(st.floats(1e-300, 0.2886))
+def test_canonical_sigma_rel_is_idempotent_and_close(sigma_rel: float) -> None:
+    c = canonical_sigma_rel(sigma_rel)
+    assert canonical_sigma_rel(c) == c
+    assert abs(c - sigma_rel) <= 5e-6 * sigma_rel

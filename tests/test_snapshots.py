@@ -23,8 +23,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import posthoc_ema.snapshots as snapshots
-from posthoc_ema import SnapshotError, SnapshotWriteError, list_snapshots
+from posthoc_ema import SnapshotError, SnapshotWriteError, files, list_snapshots
 from posthoc_ema.snapshots import read_info, write_atomic
 
 METADATA_KEYS = {"format", "format_version", "step", "sigma_rel", "gamma", "dtype", "update_every", "library_version"}
@@ -228,7 +227,7 @@ def test_write_atomic_leaves_the_old_file_when_a_write_fails(tmp_path, monkeypat
         Path(filename).write_bytes(b"half a file")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(snapshots, "write_safetensors", fail_halfway)
+    monkeypatch.setattr(files, "write_safetensors", fail_halfway)
     with pytest.raises(OSError, match="No space left on device"):
         write_atomic(path, {"w": torch.zeros(3)}, {"k": "new"})
     assert os.listdir(tmp_path) == ["a.safetensors"]  # no *.tmp left behind
@@ -254,7 +253,7 @@ def test_a_failing_write_surfaces_at_the_next_call(tmp_path, make_tracker, monke
     # One sigma_rel, so snapshot() queues a single write and the next call is well defined.
     tracker = make_tracker(model, 0.05, snapshot_dir=tmp_path, snapshot_every=None)
     tracker.update()
-    monkeypatch.setattr(snapshots, "write_safetensors", disk_full)
+    monkeypatch.setattr(files, "write_safetensors", disk_full)
     paths = tracker.snapshot()  # queued; fails in the background
     if surfaces_at != "flush":
         wait_for_writer(tracker)
@@ -279,7 +278,7 @@ def test_a_failing_write_surfaces_by_flush_at_the_latest(tmp_path, make_tracker,
     # With several sigma_rels the first failure may already stop snapshot() itself.
     model = Net()
     tracker = make_tracker(model, (0.05, 0.10, 0.15), snapshot_dir=tmp_path, snapshot_every=2)
-    monkeypatch.setattr(snapshots, "write_safetensors", disk_full)
+    monkeypatch.setattr(files, "write_safetensors", disk_full)
     with pytest.raises(SnapshotWriteError, match=re.escape(str(tmp_path / "phema-")) + ".*No space left on device"):
         for _ in range(2):
             tracker.update()

@@ -142,7 +142,9 @@ def check_against_recursion(n_calls: int, update_every: int, sigma_rels: Sequenc
             for name, value in ema.items():
                 if value.is_floating_point():
                     assert value.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-                    expected = power_ema([history[c - 1][name] for c in applied], applied, gamma_of(sigma_rel))
+                    # The tracker keeps the canonical sigma_rel (6 significant digits).
+                    gamma = gamma_of(float(f"{sigma_rel:.6g}"))
+                    expected = power_ema([history[c - 1][name] for c in applied], applied, gamma)
                     np.testing.assert_allclose(value.double().numpy(), expected, **tol, err_msg=name)
                 else:  # integer buffers are copied at each update
                     np.testing.assert_array_equal(value.numpy(), history[applied[-1] - 1][name])
@@ -232,7 +234,7 @@ def check_irregular_steps(steps: Sequence[int], update_every: int, sigma_rel: fl
         return
     times = [steps[c - 1] for c in calls]
     assert tracker.ema_step == times[-1] and tracker.step == steps[-1]
-    gamma = gamma_of(sigma_rel)
+    gamma = gamma_of(float(f"{sigma_rel:.6g}"))  # the tracker keeps the canonical sigma_rel
     expected = np.zeros(len(steps))
     expected[np.array(calls) - 1] = exact_profile(times, gamma)
     got = tracker.ema_state_dict(sigma_rel)["x"].numpy()
