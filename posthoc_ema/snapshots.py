@@ -63,6 +63,7 @@ class SnapshotInfo:
         dtype: name of the dtype floating tensors were stored in.
         update_every: how many ``update()`` calls there were per EMA update.
         library_version: version of posthoc-ema that wrote the file.
+        run_id: identity of the training run that wrote it; None in files written before runs had one.
         tensors: name -> (safetensors dtype, shape) of every tensor, from the header.
         offsets: name -> absolute byte offset of the tensor's data in the file.
     """
@@ -74,6 +75,7 @@ class SnapshotInfo:
     dtype: str
     update_every: int
     library_version: str
+    run_id: str | None = None
     tensors: Mapping[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict, compare=False, repr=False)
     offsets: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -88,7 +90,7 @@ class SnapshotInfo:
             "dtype": self.dtype,
             "update_every": str(self.update_every),
             "library_version": self.library_version,
-        }
+        } | ({} if self.run_id is None else {"run_id": self.run_id})
 
 
 def snapshot_name(step: int, sigma_rel: float) -> str:
@@ -115,6 +117,7 @@ def _info_from_header(path: Path, meta: Mapping[str, str], table: Mapping[str, M
             dtype=meta["dtype"],
             update_every=int(meta["update_every"]),
             library_version=meta["library_version"],
+            run_id=meta.get("run_id"),
             tensors={name: (str(t["dtype"]), tuple(int(n) for n in t["shape"])) for name, t in table.items()},
             offsets={name: int(t["offset"]) for name, t in table.items()},
         )
