@@ -19,12 +19,10 @@ from __future__ import annotations
 import contextlib
 import decimal
 import enum
-import itertools
 import json
 import math
 import sys
 import warnings
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,11 +30,11 @@ from typing import Annotated, Any
 import typer
 
 from posthoc_ema._version import __version__
-from posthoc_ema.errors import SnapshotError
-from posthoc_ema.files import TMP_SUFFIX
+from posthoc_ema.commands import command_sweep
+from posthoc_ema.folders import describe
 from posthoc_ema.plots import plot_error_curve, plot_profile, plot_sweep
-from posthoc_ema.snapshots import SUFFIX, SnapshotInfo, read_info
-from posthoc_ema.sweeps import RESULTS_CSV, RESULTS_JSON, SweepRow, command_sweep
+from posthoc_ema.results import RESULTS_CSV, RESULTS_JSON, SweepRow
+from posthoc_ema.snapshots import SUFFIX
 from posthoc_ema.synthesis import (
     ERROR_WARNING_THRESHOLD,
     Plan,
@@ -350,95 +348,6 @@ def synthesize(
             typer.echo(f"wrote {path}")
 
 
-def _describe(folder: Path) -> dict[str, Any]:
-    """What ``info`` reports: a JSON-ready summary of a snapshot folder, oddities included."""
-    if not folder.is_dir():
-        raise SnapshotError(f"{folder}: no such snapshot folder")
-    snapshots: list[SnapshotInfo] = []
-    corrupt: list[dict[str, str]] = []
-    others: list[str] = []
-    for path in sorted(folder.glob(f"*{SUFFIX}")):
-        try:
-            info = read_info(path)
-        except SnapshotError as err:
-            corrupt.append({"file": path.name, "error": _one_line(err)})
-            continue
-        if info is None:
-            others.append(path.name)
-        else:
-            snapshots.append(info)
-    if not snapshots and not corrupt:
-        raise SnapshotError(f"{folder}: no snapshots (no .safetensors file with posthoc-ema snapshot metadata)")
-    snapshots.sort(key=lambda i: (i.step, i.sigma_rel))
-    tmp_files = sorted(p.name for p in folder.glob(f"*{TMP_SUFFIX}"))
-    oddities = [c["error"] for c in corrupt]
-    if tmp_files:
-        oddities.append(
-            f"{len(tmp_files)} leftover temporary file(s) from interrupted writes (safe to delete): "
-            + ", ".join(tmp_files[:5])
-            + (", ..." if len(tmp_files) > 5 else "")
-        )
-    summary: dict[str, Any] = {
-        "folder": str(folder),
-        "snapshots": len(snapshots),
-        "size_bytes": sum(i.path.stat().st_size for i in snapshots),
-        "steps": None,
-        "sigma_rels": {},
-        "dtypes": {},
-        "update_every": {},
-        "library_versions": {},
-        "tensors": 0,
-        "parameters": 0,
-        "other_files": others,
-        "tmp_files": tmp_files,
-        "corrupt_files": corrupt,
-        "oddities": oddities,
-    }
-    if not snapshots:
-        return summary
-    steps = sorted({i.step for i in snapshots})
-    gaps = Counter(b - a for a, b in itertools.pairwise(steps))
-    spacing = gaps.most_common(1)[0][0] if gaps else None
-    summary["steps"] = {"first": steps[0], "last": steps[-1], "count": len(steps), "spacing": spacing}
-    by_sigma = Counter(i.sigma_rel for i in snapshots)
-    summary["sigma_rels"] = {repr(s): n for s, n in sorted(by_sigma.items())}
-    attributes = (("dtypes", "dtype"), ("update_every", "update_every"), ("library_versions", "library_version"))
-    for key, attribute in attributes:
-        counts = Counter(str(getattr(i, attribute)) for i in snapshots)
-        summary[key] = dict(sorted(counts.items()))
-        if len(counts) > 1:
-            listed = ", ".join(f"{value} ({n})" for value, n in sorted(counts.items()))
-            oddities.append(f"mixed {attribute.replace('_', ' ')}: {listed}")
-    latest = snapshots[-1]
-    summary["tensors"] = len(latest.tensors)
-    summary["parameters"] = sum(
-        math.prod(shape) for dt, shape in latest.tensors.values() if dt in ("F64", "F32", "F16", "BF16")
-    )
-    odd_gaps = [(a, b) for a, b in itertools.pairwise(steps) if b - a != spacing]
-    if odd_gaps:
-        shown = ", ".join(f"{a}->{b}" for a, b in odd_gaps[:3]) + (", ..." if len(odd_gaps) > 3 else "")
-        oddities.append(f"irregular spacing: {len(odd_gaps)} of {len(steps) - 1} gaps differ from {spacing} ({shown})")
-    at_step: dict[int, list[SnapshotInfo]] = {}
-    for info in snapshots:
-        at_step.setdefault(info.step, []).append(info)
-    missing = [(s, sorted(set(by_sigma) - {i.sigma_rel for i in infos})) for s, infos in at_step.items()]
-    missing = [(s, m) for s, m in missing if m]
-    for s, lacking in missing[:5]:
-        oddities.append(f"step {s} lacks sigma_rel {', '.join(map(_fmt, lacking))}")
-    if len(missing) > 5:
-        oddities.append(f"... {len(missing) - 5} more steps lack a sigma_rel")
-    for (s, sigma), n in sorted(Counter((i.step, i.sigma_rel) for i in snapshots).items()):
-        if n > 1:
-            oddities.append(f"step {s}, sigma_rel {_fmt(sigma)} has {n} snapshots: is the folder mixing two runs?")
-    layout = {k: shape for k, (_, shape) in latest.tensors.items()}
-    differ = [i.path.name for i in snapshots if {k: shape for k, (_, shape) in i.tensors.items()} != layout]
-    if differ:
-        oddities.append(
-            f"{len(differ)} snapshot(s) hold other tensor names or shapes than the latest, e.g. {differ[0]}"
-        )
-    return summary
-
-
 def _print_info(summary: dict[str, Any]) -> None:
     rows: list[tuple[str, str]] = [("folder", summary["folder"])]
     n = summary["snapshots"]
@@ -475,7 +384,7 @@ def info(
 ) -> None:
     """Summarize a snapshot folder: steps, sigma_rels, size, dtypes, and anything odd."""
     with _library_errors():
-        summary = _describe(ckpt_dir)
+        summary = describe(ckpt_dir)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:

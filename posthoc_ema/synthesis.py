@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import functools
 import itertools
 import math
@@ -479,8 +480,33 @@ def synthesize(
     return synthesize_many(snapshot_dir, [sigma_rel], step=step, device=device, dtype=dtype)[sigma_rel]
 
 
-def save(path: str | os.PathLike[str], state_dict: StateDict, the_plan: Plan, index: int) -> None:
-    """Write target ``index`` of a plan atomically as a self-describing safetensors file."""
+def save(
+    path: str | os.PathLike[str], state_dict: StateDict, the_plan: Plan, index: int, *, overwrite: bool = False
+) -> None:
+    """Write target ``index`` of a plan atomically as a self-describing safetensors file.
+
+    Args:
+        path: the file to write; never in the snapshot folder of ``the_plan``.
+        state_dict: the synthesized tensors of that target.
+        the_plan: the plan they were synthesized from (its metadata goes into the file).
+        index: which target of the plan.
+        overwrite: replace an existing file at ``path``; by default an existing
+            file is refused.
+
+    Raises:
+        FileExistsError: if ``path`` exists and ``overwrite`` is false.
+        ValueError: if ``path`` is in the snapshot folder the plan reads.
+        OSError: if writing fails.
+
+    Example:
+        >>> save("ema-0.15.safetensors", state_dict, the_plan, 0)  # doctest: +SKIP
+    """
+    path = Path(path)
+    folders = {s.path.parent.resolve() for s in the_plan.snapshots}
+    if path.parent.resolve() in folders:
+        raise ValueError(f"{path} is in the snapshot folder; write synthesized files elsewhere")
+    if not overwrite and path.exists():
+        raise FileExistsError(errno.EEXIST, "the file exists; pass overwrite=True to replace it", str(path))
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in state_dict.items()}
     meta = the_plan.metadata(index)
     meta["dtype"] = dtype_name(next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32))

@@ -451,8 +451,20 @@ def test_info_json(run_dir: Path) -> None:
         "dtypes": {"float32": 24},
         "update_every": {"1": 24},
         "library_versions": {__version__: 24},
+        "runs": {},
         "tensors": 7,
         "parameters": n_values,
+        "files": [
+            {
+                "file": i.path.name,
+                "step": i.step,
+                "sigma_rel": i.sigma_rel,
+                "dtype": "float32",
+                "size": i.path.stat().st_size,
+                "run": None,
+            }
+            for i in list_snapshots(run_dir)
+        ],
         "other_files": [],
         "tmp_files": [],
         "corrupt_files": [],
@@ -566,3 +578,37 @@ def test_closed_pipe_is_quiet(run_dir: Path) -> None:
     assert "Traceback" not in stderr
     assert "error:" not in stderr
     assert list_snapshots(run_dir)  # the folder is untouched
+
+
+# -- folder diagnosis in the library ---------------------------------------------------------
+
+
+def test_the_folder_diagnosis_lives_in_the_library(run_dir: Path) -> None:
+    from posthoc_ema.folders import describe
+
+    assert not hasattr(cli, "_describe")
+    assert json.loads(invoke("info", run_dir, "--json")[0]) == describe(run_dir)
+
+
+def test_info_says_a_folder_mixes_runs(copy_of_run: Path) -> None:
+    tensors, _ = read(copy_of_run / snapshot_name(LAST, 0.05))
+    for step, run_id in ((LAST + 50, "run-a"), (LAST + 100, "run-b"), (LAST + 150, "run-b")):
+        info = SnapshotInfo(
+            path=copy_of_run / snapshot_name(step, 0.05),
+            step=step,
+            sigma_rel=0.05,
+            gamma=float(sigma_rel_to_gamma(0.05)),
+            dtype="float32",
+            update_every=1,
+            library_version=__version__,
+            run_id=run_id,
+        )
+        write_atomic(info.path, tensors, info.metadata())
+    summary = json.loads(invoke("info", copy_of_run, "--json")[0])
+    assert summary["runs"] == {"run-a": 1, "run-b": 2}
+    assert "mixes 2 runs: run-a (1), run-b (2)" in summary["oddities"]
+    assert [f["run"] for f in summary["files"] if f["step"] > LAST] == ["run-a", "run-b", "run-b"]
+    # One run among files without a run id (older ones) is not a mix.
+    for step in (LAST + 100, LAST + 150):
+        (copy_of_run / snapshot_name(step, 0.05)).unlink()
+    assert not any("mixes" in o for o in json.loads(invoke("info", copy_of_run, "--json")[0])["oddities"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
@@ -162,7 +163,7 @@ def test_a_bare_number_takes_the_metric_name(run_dir: Path) -> None:
 
 
 def test_a_metric_missing_from_the_results_is_an_error(run_dir: Path) -> None:
-    with pytest.raises(ValueError, match="metric='acc' is not among the metrics evaluate returned: loss"):
+    with pytest.raises(ValueError, match="metric='acc' is not among the metrics the evaluation returned: loss"):
         sweep(run_dir, TARGETS, lambda sd: {"loss": 1.0}, metric="acc")
 
 
@@ -500,7 +501,9 @@ with open(path, "rb") as f:  # the sigma_rel from the file's own metadata, with 
 sigma_rel = float(header["__metadata__"]["sigma_rel"])
 with open(sys.argv[2], "a") as log:
     log.write(repr(sigma_rel) + "\\n")
-if repr(sigma_rel) in sys.argv[3:]:
+with open(sys.argv[3]) as f:
+    failing = f.read().split()
+if repr(sigma_rel) in failing:
     print("loading", path, file=sys.stderr)
     print("RuntimeError: CUDA out of memory", file=sys.stderr)
     sys.exit(3)
@@ -511,12 +514,18 @@ print(json.dumps({"loss": (sigma_rel - 0.09) ** 2, "acc": 1 - abs(sigma_rel - 0.
 
 @pytest.fixture
 def evaluator(tmp_path: Path) -> Callable[..., str]:
-    """``evaluator(*failing)``: an evaluation command that fails for the sigma_rels given."""
+    """``evaluator(*failing)``: an evaluation command that fails for the sigma_rels given.
+
+    The command is the same whatever fails (the list is in a file), as a resumed sweep requires.
+    """
     path = tmp_path / "evaluate.py"
     path.write_text(EVALUATE)
 
     def command(*failing: float) -> str:
-        return " ".join([sys.executable, str(path), "{weights}", str(tmp_path / "calls.log"), *map(repr, failing)])
+        (tmp_path / "failing.txt").write_text(" ".join(map(repr, failing)))
+        return " ".join(
+            [sys.executable, str(path), "{weights}", str(tmp_path / "calls.log"), str(tmp_path / "failing.txt")]
+        )
 
     return command
 
@@ -671,3 +680,26 @@ def test_cli_sweep_warns_about_poor_targets_in_one_line(
     _, stderr = invoke("sweep", run_dir, "-s", "0.005", "-s", "0.07", "-e", evaluator(), "-o", tmp_path / "o")
     assert stderr.startswith("warning: 1 of 2 targets (sigma_rel 0.005) have a predicted relative error above 5%")
     assert len(stderr.splitlines()) == 1
+
+
+# -- the layout: one job per module --------------------------------------------------------
+
+
+def test_the_sweep_modules_split_along_their_seams() -> None:
+    import posthoc_ema.commands as commands
+    import posthoc_ema.results as results
+
+    for name in ("SweepResult", "SweepRow", "RESULTS_JSON", "RESULTS_CSV", "DEFAULT_METRIC"):
+        assert getattr(sweep_module, name) is getattr(results, name)
+    for name in ("run_command", "command_sweep", "parse_metric_line", "weights_name"):
+        assert getattr(sweep_module, name) is getattr(commands, name)
+    source = Path(sweep_module.__file__).read_text()
+    assert "import subprocess" not in source and "import csv" not in source and "import json" not in source
+    assert "subprocess" not in Path(results.__file__).read_text()
+
+
+@pytest.mark.parametrize("module", ["posthoc_ema.commands", "posthoc_ema.results", "posthoc_ema.sweeps"])
+def test_each_sweep_module_imports_first(module: str) -> None:
+    code = f"import {module}; from posthoc_ema.sweeps import command_sweep, SweepResult; print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.stdout == "ok\n", done.stderr
