@@ -8,6 +8,8 @@ go on catching it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 __all__ = [
     "EvaluationError",
     "PoorReconstructionWarning",
@@ -26,7 +28,13 @@ class SnapshotError(PostHocEMAError, ValueError):
 
 
 class SnapshotWriteError(PostHocEMAError, OSError):
-    """A snapshot that could not be written in the background, raised at the next call."""
+    """Snapshots that could not be written in the background, raised at the next call.
+
+    Attributes:
+        paths: every file that failed (the message names the first few).
+    """
+
+    paths: tuple[Path, ...] = ()
 
 
 class EvaluationError(PostHocEMAError, RuntimeError):

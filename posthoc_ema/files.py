@@ -1,7 +1,8 @@
 """Safetensors files on disk: reading a header checked against the file, and atomic, deterministic writes.
 
-Writes are atomic: the bytes go to a temporary file beside the target, are
-fsynced, and the file is renamed into place with ``os.replace`` (then the folder
+Writes are atomic: the bytes go to a temporary file beside the target (a name
+no other writer uses), are fsynced through the handle that wrote them, and the
+file is renamed into place with ``os.replace`` (then the folder
 is fsynced), so a crash never leaves a partial file under a final name.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import torch
 from posthoc_ema.dtypes import SAFETENSORS_DTYPES
 from posthoc_ema.errors import SnapshotError
 
-__all__ = ["TMP_SUFFIX", "atomic_path", "read_header", "write_atomic", "write_safetensors"]
+__all__ = ["TMP_SUFFIX", "atomic_path", "read_header", "temporary_name", "write_atomic", "write_safetensors"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -66,29 +68,49 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str,
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not every platform opens folders
+    except OSError:  # not every platform opens folders (Windows does not)
         return
     try:
         os.fsync(fd)
+    except OSError:  # nor fsyncs them
+        pass
     finally:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it replaces ``path`` whole, durably.
+def temporary_name(path: str | os.PathLike[str]) -> Path:
+    """A temporary name beside ``path`` that no other writer uses: ``<name>.<pid>-<random>.tmp``.
 
-    The file written to ``path + ".tmp"`` is fsynced, renamed over ``path`` with
-    ``os.replace`` and the folder fsynced, so ``path`` holds either its old
-    content or the complete new one, even after a crash or power loss. On an
-    error the temporary file is removed.
+    Two writers of the same file (two processes, or two threads) never share a
+    temporary file, so neither can rename the other's half-written bytes into place.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path`` whole, durably.
+
+    The file written to the temporary path (see :func:`temporary_name`) is
+    fsynced, renamed over ``path`` with ``os.replace`` and the folder fsynced,
+    so ``path`` holds either its old content or the complete new one, even after
+    a crash or power loss. On an error the temporary file is removed.
+
+    Args:
+        path: the file to replace.
+        fsync: fsync the temporary file after the block, through a read-write
+            handle (Windows refuses to fsync a read-only one). Pass False when
+            the block fsyncs the handle it wrote with, as
+            :func:`write_safetensors` does.
+    """
+    path = Path(path)
+    tmp = temporary_name(path)
     try:
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if fsync:
+            with open(tmp, "r+b") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -102,8 +124,9 @@ def write_safetensors(
     """Write ``tensors`` to ``path`` in the safetensors format, the same bytes for the same input.
 
     Tensors are ordered by element size (widest first, so each is aligned), then
-    floating before others, then name; metadata is sorted.
-    Writes the file in place: use :func:`write_atomic` for a file others may read.
+    floating before others, then name; metadata is sorted. The file is fsynced
+    before it is closed. Writes the file in place: use :func:`write_atomic` for
+    a file others may read.
 
     Raises:
         ValueError: for a tensor of a dtype snapshots do not store.
@@ -132,6 +155,9 @@ def write_safetensors(
         for name in order:
             t = tensors[name].detach().to("cpu").contiguous()
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        # The handle that wrote is the one to fsync: Windows cannot fsync a read-only one.
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_atomic(
@@ -143,5 +169,5 @@ def write_atomic(
         OSError: if writing fails; the temporary file is removed.
         ValueError: for a tensor of a dtype snapshots do not store.
     """
-    with atomic_path(path) as tmp:
+    with atomic_path(path, fsync=False) as tmp:  # write_safetensors fsyncs its own handle
         write_safetensors(tensors, tmp, metadata)

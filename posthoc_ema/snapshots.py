@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,17 @@ from posthoc_ema.profiles import MAX_SIGMA_REL, canonical_sigma_rel
 from posthoc_ema.writer import BackgroundWriter  # noqa: F401
 
 __all__ = [
+    "DEFAULT_PREFIX",
     "FORMAT",
     "FORMAT_VERSION",
     "SUFFIX",
     "SYNTHESIZED_FORMAT",
     "SnapshotInfo",
+    "check_prefix",
     "list_snapshots",
+    "mixed_runs",
     "read_info",
+    "runs_in",
     "snapshot_name",
 ]
 
@@ -49,6 +54,9 @@ SYNTHESIZED_FORMAT = "posthoc-ema/synthesized"
 #: Bumped on any change a reader of an older version could misread.
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
+#: The prefix of snapshots written without ``prefix=``, and of files whose metadata has none.
+DEFAULT_PREFIX = "phema"
+_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,8 @@ class SnapshotInfo:
         update_every: how many ``update()`` calls there were per EMA update.
         library_version: version of posthoc-ema that wrote the file.
         run_id: identity of the training run that wrote it; None in files written before runs had one.
+        prefix: the namespace of the tracker that wrote it, so that several
+            trackers (a GAN's generator and discriminator) can share a folder.
         tensors: name -> (safetensors dtype, shape) of every tensor, from the header.
         offsets: name -> absolute byte offset of the tensor's data in the file.
     """
@@ -76,6 +86,7 @@ class SnapshotInfo:
     update_every: int
     library_version: str
     run_id: str | None = None
+    prefix: str = DEFAULT_PREFIX
     tensors: Mapping[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict, compare=False, repr=False)
     offsets: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -90,15 +101,33 @@ class SnapshotInfo:
             "dtype": self.dtype,
             "update_every": str(self.update_every),
             "library_version": self.library_version,
+            "prefix": self.prefix,
         } | ({} if self.run_id is None else {"run_id": self.run_id})
 
 
-def snapshot_name(step: int, sigma_rel: float) -> str:
+def check_prefix(prefix: str) -> str:
+    """``prefix`` if it can start snapshot file names: a letter or digit, then letters, digits, ``_``, ``.``, ``-``.
+
+    Raises:
+        ValueError: for any other prefix.
+    """
+    if not isinstance(prefix, str) or _PREFIX.fullmatch(prefix) is None:
+        raise ValueError(
+            f"prefix={prefix!r} is not a valid snapshot prefix: use a letter or digit, "
+            "then letters, digits, '_', '.' or '-' (e.g. 'generator')"
+        )
+    return prefix
+
+
+def snapshot_name(step: int, sigma_rel: float, prefix: str = DEFAULT_PREFIX) -> str:
     """File name of the snapshot of ``sigma_rel`` at ``step``; sorts by step.
 
-    The name only keeps files apart: readers take step and sigma_rel from the metadata.
+    The name only keeps files apart: readers take step, sigma_rel and prefix from the metadata.
+
+    >>> snapshot_name(1000, 0.05)
+    'phema-000000001000-0.05.safetensors'
     """
-    return f"phema-{step:012d}-{canonical_sigma_rel(sigma_rel)!r}{SUFFIX}"
+    return f"{prefix}-{step:012d}-{canonical_sigma_rel(sigma_rel)!r}{SUFFIX}"
 
 
 def _info_from_header(path: Path, meta: Mapping[str, str], table: Mapping[str, Mapping[str, Any]]) -> SnapshotInfo:
@@ -118,6 +147,7 @@ def _info_from_header(path: Path, meta: Mapping[str, str], table: Mapping[str, M
             update_every=int(meta["update_every"]),
             library_version=meta["library_version"],
             run_id=meta.get("run_id"),
+            prefix=meta.get("prefix", DEFAULT_PREFIX),
             tensors={name: (str(t["dtype"]), tuple(int(n) for n in t["shape"])) for name, t in table.items()},
             offsets={name: int(t["offset"]) for name, t in table.items()},
         )
@@ -152,11 +182,16 @@ def read_info(path: str | os.PathLike[str]) -> SnapshotInfo | None:
     return _info_from_header(Path(path), meta, table)
 
 
-def list_snapshots(snapshot_dir: str | os.PathLike[str]) -> list[SnapshotInfo]:
+def list_snapshots(snapshot_dir: str | os.PathLike[str], *, prefix: str | None = None) -> list[SnapshotInfo]:
     """Every snapshot in a folder, sorted by (step, sigma_rel).
 
     Files other than ``*.safetensors``, temporary files and safetensors files that
     are not snapshots are ignored.
+
+    Args:
+        snapshot_dir: the folder.
+        prefix: only the snapshots of this prefix (their metadata's, see
+            :class:`SnapshotInfo`); default: all.
 
     Raises:
         SnapshotError: if the folder does not exist, or a snapshot is corrupt.
@@ -165,4 +200,41 @@ def list_snapshots(snapshot_dir: str | os.PathLike[str]) -> list[SnapshotInfo]:
     if not folder.is_dir():
         raise SnapshotError(f"{folder}: no such snapshot folder")
     infos = [info for p in sorted(folder.glob(f"*{SUFFIX}")) if (info := read_info(p)) is not None]
+    if prefix is not None:
+        infos = [info for info in infos if info.prefix == prefix]
     return sorted(infos, key=lambda i: (i.step, i.sigma_rel))
+
+
+def runs_in(infos: Iterable[SnapshotInfo]) -> dict[tuple[str, str | None], list[SnapshotInfo]]:
+    """The snapshots of each training run, by (prefix, run id), in the given order.
+
+    Snapshots written before runs had an id have run id None; they cannot be told
+    apart, so they count as one run, and as part of any run of their prefix that has an id
+    (a run resumed from them).
+    """
+    runs: dict[tuple[str, str | None], list[SnapshotInfo]] = {}
+    for info in infos:
+        runs.setdefault((info.prefix, info.run_id), []).append(info)
+    return runs
+
+
+def mixed_runs(infos: Iterable[SnapshotInfo]) -> str | None:
+    """How ``infos`` mix snapshots of different training runs of one prefix, in one line; None if they do not.
+
+    Only run ids tell runs apart: snapshots without one (older versions) never
+    count as another run (see :func:`runs_in`).
+
+    >>> mixed_runs([])
+    """
+    by_prefix: dict[str, list[tuple[str, list[SnapshotInfo]]]] = {}
+    for (prefix, run_id), members in runs_in(infos).items():
+        if run_id is not None:
+            by_prefix.setdefault(prefix, []).append((run_id, members))
+    for runs in by_prefix.values():
+        if len(runs) > 1:
+            a, b = runs[0][1][0], runs[1][1][0]
+            counts = ", ".join(f"run {run_id[:8]}: {len(members)}" for run_id, members in runs)
+            return (
+                f"mixes {len(runs)} training runs, e.g. {a.path.name} and {b.path.name} (snapshots per run: {counts})"
+            )
+    return None

@@ -31,7 +31,7 @@ from posthoc_ema._version import __version__
 from posthoc_ema.dtypes import FLOATING_DTYPES, dtype_name, parse_dtype
 from posthoc_ema.errors import PoorReconstructionWarning, SnapshotError
 from posthoc_ema.files import write_atomic
-from posthoc_ema.snapshots import SYNTHESIZED_FORMAT, SnapshotInfo, list_snapshots
+from posthoc_ema.snapshots import SYNTHESIZED_FORMAT, SnapshotInfo, list_snapshots, mixed_runs
 
 __all__ = [
     "ERROR_WARNING_THRESHOLD",
@@ -161,6 +161,17 @@ def _layout(info: SnapshotInfo) -> dict[str, tuple[bool, tuple[int, ...]]]:
 
 
 def _check_consistent(snapshots: Sequence[SnapshotInfo]) -> None:
+    prefixes = sorted({info.prefix for info in snapshots})
+    if len(prefixes) > 1:
+        raise SnapshotError(
+            f"{snapshots[0].path.parent} holds the snapshots of {len(prefixes)} trackers (prefixes "
+            f"{', '.join(map(repr, prefixes))}); pass prefix= to synthesize one of them"
+        )
+    if (mixed := mixed_runs(snapshots)) is not None:
+        raise SnapshotError(
+            f"{snapshots[0].path.parent} {mixed}: synthesis combines one run; move the other run's snapshots "
+            "to a folder of their own (list them with `posthoc-ema info`)"
+        )
     seen: dict[tuple[int, float], SnapshotInfo] = {}
     for info in snapshots:
         twin = seen.setdefault((info.step, info.sigma_rel), info)
@@ -208,6 +219,7 @@ def plan(
     sigma_rels: float | Iterable[float],
     *,
     step: int | None = None,
+    prefix: str | None = None,
 ) -> Plan:
     """Solve for the weights of each target without reading any tensor.
 
@@ -216,6 +228,8 @@ def plan(
         sigma_rels: target sigma_rel(s), each in (0, sqrt(1/12)).
         step: a snapshot step to reconstruct at; default the latest. Only
             snapshots at or before it are used.
+        prefix: use the snapshots of this tracker prefix only (see
+            :class:`PostHocEMA`); needed when several trackers share the folder.
 
     Returns:
         A :class:`Plan` with coefficients and predicted errors.
@@ -223,7 +237,8 @@ def plan(
     Raises:
         ValueError: for a sigma_rel out of range, a repeated target, or a step that is not a snapshot step.
         SnapshotError: for a missing folder, a folder without snapshots, a corrupt
-            snapshot, snapshots that disagree on tensors, or a repeated (step, sigma_rel).
+            snapshot, snapshots that disagree on tensors, a repeated (step, sigma_rel),
+            or snapshots of several training runs or prefixes.
 
     Example:
         >>> p = plan("ckpts", [0.05, 0.15])  # doctest: +SKIP
@@ -238,7 +253,7 @@ def plan(
         repeated = next(s for s, k in zip(targets, keys, strict=True) if keys.count(k) > 1)
         raise ValueError(f"sigma_rels repeats sigma_rel={repeated!r}")
     gammas = profiles.sigma_rel_to_gamma(targets)
-    found = list_snapshots(snapshot_dir)
+    found = list_snapshots(snapshot_dir, prefix=prefix)
     if not found:
         raise SnapshotError(f"{snapshot_dir}: no snapshots (no .safetensors file with posthoc-ema snapshot metadata)")
     out_step = _pick_step([s.step for s in found], step)
@@ -280,6 +295,7 @@ def synthesize_many(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str = torch.float32,
     progress: Callable[[int, int], None] | None = None,
+    prefix: str | None = None,
 ) -> dict[float, StateDict]:
     """Synthesize the EMA of several sigma_rels in one pass over the snapshots.
 
@@ -293,6 +309,7 @@ def synthesize_many(
         device: where to accumulate (``"cuda"`` for a GPU); default CPU.
         dtype: dtype of floating outputs (float32, float64, bfloat16, float16).
         progress: called with (bytes done, bytes total) as the pass goes on.
+        prefix: as for :func:`plan`.
 
     Returns:
         ``{sigma_rel: state_dict}``; each loads with ``model.load_state_dict(sd, strict=True)``.
@@ -306,7 +323,7 @@ def synthesize_many(
         >>> sds = synthesize_many("ckpts", [0.05, 0.10, 0.15])  # doctest: +SKIP
         >>> model.load_state_dict(sds[0.15])  # doctest: +SKIP
     """
-    return run(plan(snapshot_dir, sigma_rels, step=step), device=device, dtype=dtype, progress=progress)
+    return run(plan(snapshot_dir, sigma_rels, step=step, prefix=prefix), device=device, dtype=dtype, progress=progress)
 
 
 def run(
@@ -468,6 +485,7 @@ def synthesize(
     step: int | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str = torch.float32,
+    prefix: str | None = None,
 ) -> StateDict:
     """Synthesize the EMA of one ``sigma_rel`` from a folder of snapshots.
 
@@ -477,7 +495,7 @@ def synthesize(
         >>> sd = synthesize("ckpts", sigma_rel=0.15)  # doctest: +SKIP
         >>> model.load_state_dict(sd)  # doctest: +SKIP
     """
-    return synthesize_many(snapshot_dir, [sigma_rel], step=step, device=device, dtype=dtype)[sigma_rel]
+    return synthesize_many(snapshot_dir, [sigma_rel], step=step, device=device, dtype=dtype, prefix=prefix)[sigma_rel]
 
 
 def save(

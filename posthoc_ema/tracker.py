@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fnmatch
 import logging
 import os
+import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -17,9 +21,10 @@ import torch
 from posthoc_ema import profiles
 from posthoc_ema._version import __version__
 from posthoc_ema.dtypes import dtype_name, parse_dtype
+from posthoc_ema.errors import SnapshotError, SnapshotWriteError
 from posthoc_ema.files import write_atomic
-from posthoc_ema.snapshots import SnapshotInfo, list_snapshots, snapshot_name
-from posthoc_ema.writer import BackgroundWriter
+from posthoc_ema.snapshots import DEFAULT_PREFIX, SnapshotInfo, check_prefix, list_snapshots, snapshot_name
+from posthoc_ema.writer import BackgroundWriter, FolderLock, release, write_error
 
 if TYPE_CHECKING:
     from posthoc_ema.synthesis import StateDict
@@ -30,6 +35,7 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = "posthoc-ema/tracker"
 STATE_VERSION = 1
+EXISTING = ("error", "overwrite")
 
 
 def clean_key(key: str) -> str:
@@ -115,15 +121,33 @@ class PostHocEMA:
         trainable_only: track only parameters with ``requires_grad`` (adapters,
             LoRA); buffers are then left out.
         exclude: glob patterns (``fnmatch``) of keys not to track.
+        prefix: start of the snapshot file names, and the namespace of this
+            tracker's snapshots in ``snapshot_dir``: trackers with different
+            prefixes (a GAN's generator and discriminator) share a folder, and
+            synthesis picks one with ``prefix=``.
+        existing: what to do when ``snapshot_dir`` already holds snapshots of
+            this prefix from another training run (checked at the first
+            snapshot, so a :meth:`load_state_dict` before it resumes that run
+            instead): ``"error"`` (default) refuses, ``"overwrite"`` deletes those
+            snapshot files, and no other file.
+        final_snapshot: whether :meth:`close` (and the end of a ``with`` block)
+            snapshots the current step when it has no snapshot yet, so the end
+            of training can be synthesized.
 
     Raises:
         ValueError: for a sigma_rel outside (0, sqrt(1/12)), repeated sigma_rels,
-            a non-positive ``snapshot_every`` or ``update_every``, or a model with
-            nothing to track.
+            a non-positive ``snapshot_every`` or ``update_every``, a model with
+            nothing to track, an invalid ``prefix`` or ``existing``.
+
+    One tracker writes into a folder (and prefix) at a time: a lock file
+    ``.<prefix>.lock`` there is held while the tracker has a background writer
+    (from its first snapshot to :meth:`close`, or until it is dropped), and a
+    second tracker's first snapshot raises :class:`SnapshotError` saying the
+    folder is in use. Each snapshot records the tracker's :attr:`run_id`.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
-        >>> emas = PostHocEMA(model, sigma_rels=(0.05, 0.10))
+        >>> emas = PostHocEMA(model, sigma_rels=(0.05, 0.10))  # with snapshot_dir=, use `with ... as emas:`
         >>> for _ in range(3):
         ...     emas.update()  # after each optimizer step
         >>> emas.step
@@ -144,6 +168,9 @@ class PostHocEMA:
         snapshot_dtype: torch.dtype | str = torch.float32,
         trainable_only: bool = False,
         exclude: Iterable[str] = (),
+        prefix: str = DEFAULT_PREFIX,
+        existing: Literal["error", "overwrite"] = "error",
+        final_snapshot: bool = True,
     ) -> None:
         given = np.asarray(sigma_rels, dtype=np.float64).reshape(-1)  # a number, a sequence, an array
         sigmas = tuple(profiles.canonical_sigma_rel(s) for s in given)
@@ -155,19 +182,26 @@ class PostHocEMA:
         for name, value in (("snapshot_every", snapshot_every), ("update_every", update_every)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name}={value!r} is not a positive integer")
+        if existing not in EXISTING:
+            raise ValueError(f"existing={existing!r} is not one of {', '.join(map(repr, EXISTING))}")
         self.sigma_rels: tuple[float, ...] = sigmas
         self.gammas: tuple[float, ...] = tuple(float(g) for g in gammas)
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
         self.snapshot_every = snapshot_every
         self.update_every = update_every
         self.snapshot_dtype = parse_dtype(snapshot_dtype)
+        self.prefix = check_prefix(prefix)
+        self.existing = existing
+        self.final_snapshot = bool(final_snapshot)
+        #: Identity of this training run, in every snapshot's metadata; kept by state_dict() and load_state_dict().
+        self.run_id = uuid.uuid4().hex
         self.step = 0
         self._ema_step = 0  # time of the last EMA update
         self._calls = 0  # update() calls, for update_every
         self._snapshot_step = 0  # time of the last snapshot
         self._device = None if device is None else torch.device(device)
         self._build(model, trainable_only=trainable_only, exclude=tuple(exclude))
-        self._writer: BackgroundWriter | None = None
+        self._init_writing()
         if self.snapshot_dir is not None:
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
 
@@ -232,7 +266,6 @@ class PostHocEMA:
         self._floating_keys = [k for k in self._keys if self._sources[k].is_floating_point()]
         self._other_keys = [k for k in self._keys if not self._sources[k].is_floating_point()]
         self._floating_numels = [self._sources[k].numel() for k in self._floating_keys]
-        self._spare: list[torch.Tensor] = []  # staging buffers the writer is done with
         self._flat_emas = [
             [t.view(-1) for _, t in self._ema_items_of(index, self._floating_keys)]
             for index in range(len(self.sigma_rels))
@@ -249,11 +282,13 @@ class PostHocEMA:
                 previous one; default: the previous step + 1.
 
         Raises:
-            ValueError: if ``step`` does not increase.
-            SnapshotWriteError: if an earlier background snapshot write failed.
+            ValueError: if ``step`` does not increase (nothing is recorded).
+            SnapshotWriteError: if earlier background snapshot writes failed,
+                naming them. The step is recorded and its snapshot, if due,
+                queued before this is raised: a caller may catch it and go on.
+            SnapshotError: at the first snapshot, if the folder is in use by
+                another tracker or holds another run's snapshots.
         """
-        if self._writer is not None:
-            self._writer.check()
         if step is None:
             step = self.step + 1
         elif not isinstance(step, int) or isinstance(step, bool) or step <= self.step:
@@ -265,6 +300,8 @@ class PostHocEMA:
             self._apply()
         if due:
             self._write_snapshots()
+        if self._writer is not None:  # after this step's work, so a caller who catches this loses no step
+            self._writer.check()
 
     def _snapshot_due(self) -> bool:
         every = self.snapshot_every
@@ -390,7 +427,10 @@ class PostHocEMA:
 
         Raises:
             ValueError: if the tracker has no ``snapshot_dir`` or no update yet.
-            SnapshotWriteError: if an earlier background write failed.
+            SnapshotWriteError: if earlier background writes failed, naming
+                them; nothing is snapshotted then (call again to snapshot).
+            SnapshotError: at the first snapshot, if the folder is in use by
+                another tracker or holds another run's snapshots.
         """
         if self.snapshot_dir is None:
             raise ValueError("this PostHocEMA has no snapshot_dir; pass snapshot_dir= to write snapshots")
@@ -406,71 +446,223 @@ class PostHocEMA:
     def _write_snapshots(self) -> list[Path]:
         assert self.snapshot_dir is not None
         self._check_sources()
-        self._snapshot_step = self._ema_step
         infos = [
             SnapshotInfo(
-                path=self.snapshot_dir / snapshot_name(self._ema_step, sigma_rel),
+                path=self.snapshot_dir / snapshot_name(self._ema_step, sigma_rel, self.prefix),
                 step=self._ema_step,
                 sigma_rel=sigma_rel,
                 gamma=gamma,
                 dtype=dtype_name(self.snapshot_dtype),
                 update_every=self.update_every,
                 library_version=__version__,
+                run_id=self.run_id,
+                prefix=self.prefix,
             )
             for sigma_rel, gamma in zip(self.sigma_rels, self.gammas, strict=True)
         ]
         if _is_writer_rank():
+            writer = self._start_writing()  # raises before anything is staged
             # Stage every EMA before the first write starts, so the copies do not
             # compete with the writer for memory bandwidth.
             jobs = [self._stage(index, info) for index, info in enumerate(infos)]
-            if self._writer is None:
-                self._writer = BackgroundWriter()
-            for info, job in zip(infos, jobs, strict=True):
-                self._writer.submit(info.path, job)
+            self._snapshot_step = self._ema_step
+            for info, (job, flat) in zip(infos, jobs, strict=True):
+                self._buffers.append((writer.submit(info.path, job), flat))
+            # Keep one idle buffer per EMA; drop the extras a slow disk made.
+            idle = [b for b in self._buffers if b[0].done()][len(self.sigma_rels) :]
+            self._buffers = [b for b in self._buffers if not any(b is i for i in idle)]
+        else:
+            self._snapshot_step = self._ema_step
         return [info.path for info in infos]
 
-    def _stage(self, index: int, info: SnapshotInfo) -> Callable[[], None]:
-        """Copy EMA ``index`` to the CPU in the snapshot dtype now; return the job that writes it.
+    def _stage(self, index: int, info: SnapshotInfo) -> tuple[Callable[[], None], torch.Tensor]:
+        """Copy EMA ``index`` to the CPU in the snapshot dtype now; return the job that writes it, and its buffer.
 
         The floating entries go into one flat buffer with one foreach copy; the
         buffer is reused once written (a fresh buffer of that size would be
-        page-faulted in at every snapshot). Naming the pieces happens on the
-        writer thread.
+        page-faulted in at every snapshot). The job holds no reference to the
+        tracker, so a dropped tracker is collected even while it writes.
         """
-        flat = self._spare.pop() if self._spare else torch.empty(sum(self._floating_numels), dtype=self.snapshot_dtype)
+        flat = next((b for f, b in self._buffers if f.done()), None)
+        if flat is None:
+            flat = torch.empty(sum(self._floating_numels), dtype=self.snapshot_dtype)
+        else:
+            self._buffers = [(f, b) for f, b in self._buffers if b is not flat]
         parts = torch.split(flat, self._floating_numels)
         torch._foreach_copy_(parts, self._flat_emas[index])
+        keys = self._floating_keys
+        shapes = [self._sources[k].shape for k in keys]
         others = {k: t.to("cpu", copy=True) for k, t in self._ema_items_of(index, self._other_keys)}
+        if self.snapshot_dtype == torch.float16:
+            others |= self._too_wide_for_float16(index, parts, info.path)
+        path, metadata = info.path, info.metadata()
 
         def write() -> None:
-            try:
-                shapes = (self._sources[k].shape for k in self._floating_keys)
-                named = {k: p.view(shape) for k, p, shape in zip(self._floating_keys, parts, shapes, strict=True)}
-                write_atomic(info.path, named | others, info.metadata())
-            finally:
-                if len(self._spare) < len(self.sigma_rels):  # keep one per EMA; drop extras a slow disk made
-                    self._spare.append(flat)
+            named = {k: p.view(shape) for k, p, shape in zip(keys, parts, shapes, strict=True)}
+            write_atomic(path, named | others, metadata)
 
-        return write
+        return write, flat
+
+    def _too_wide_for_float16(self, index: int, parts: Sequence[torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+        """The EMA tensors that overflowed float16 (to inf), copied in their own float32/64 to be stored so."""
+        # One pass over the staged copy; per tensor only when something overflowed.
+        if len(parts) == 0 or not torch.cat([p.isinf().any().view(1) for p in parts]).any():
+            return {}
+        keys = [k for k, p in zip(self._floating_keys, parts, strict=True) if p.isinf().any()]
+        wide = {k: t.to("cpu", copy=True) for k, t in self._ema_items_of(index, keys)}
+        if not set(keys) <= self._warned_wide:
+            self._warned_wide |= set(keys)
+            log.warning(
+                "%s: %d tensors exceed float16's range (largest %g) and are stored in float32 instead: %s",
+                path,
+                len(keys),
+                max(float(t.abs().max()) for t in wide.values()),
+                ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else ""),
+            )
+        return wide
+
+    # -- lifecycle --------------------------------------------------------------
+
+    # The background writing's state; set by _init_writing, never pickled.
+    _writer: BackgroundWriter | None
+    _lock: FolderLock | None
+    _finalizer: weakref.finalize[Any, Any] | None
+    # (future of the write, staging buffer it reads): buffers are reused once their write is done.
+    _buffers: list[tuple[concurrent.futures.Future[None], torch.Tensor]]
+    _folder_checked: bool  # whether the folder holds no other run's snapshots (or they are gone)
+    _legacy_resume: bool  # resumed from a state without a run id: run-less snapshots are ours
+    _warned_wide: set[str]  # tensors already named in the float16 overflow warning
+
+    def _init_writing(self) -> None:
+        self._writer = self._lock = self._finalizer = None
+        self._buffers = []
+        self._folder_checked = self._legacy_resume = False
+        self._warned_wide = set()
+
+    def _start_writing(self) -> BackgroundWriter:
+        """The background writer, started with the folder's lock and its check for other runs' snapshots."""
+        if self._writer is not None:
+            return self._writer
+        assert self.snapshot_dir is not None
+        lock = FolderLock(self.snapshot_dir, f".{self.prefix}.lock")
+        lock.acquire()
+        try:
+            if not self._folder_checked:
+                self._check_folder()
+                self._folder_checked = True
+        except BaseException:
+            lock.release()
+            raise
+        self._writer, self._lock = BackgroundWriter(), lock
+        # A dropped tracker finishes its writes and frees the thread and the lock; the
+        # finalizer holds the writer and the lock, never the tracker.
+        self._finalizer = weakref.finalize(self, release, self._writer, lock)
+        return self._writer
+
+    def _check_folder(self) -> None:
+        assert self.snapshot_dir is not None
+        theirs = [
+            info
+            for info in list_snapshots(self.snapshot_dir, prefix=self.prefix)
+            if info.run_id != self.run_id and not (info.run_id is None and self._legacy_resume)
+        ]
+        if not theirs:
+            return
+        if self.existing == "error":
+            runs = len({info.run_id for info in theirs})
+            whose = "another training run" if runs == 1 else f"{runs} other training runs"
+            raise SnapshotError(
+                f"{self.snapshot_dir} holds {len(theirs)} snapshots of {whose} (e.g. {theirs[0].path.name}): "
+                "to resume that run, call load_state_dict() with its state before "
+                "the first snapshot; otherwise choose another snapshot_dir, or pass existing='overwrite' to delete them"
+            )
+        for info in theirs:
+            info.path.unlink(missing_ok=True)
+        log.warning("%s: deleted %d snapshots of another run (existing='overwrite')", self.snapshot_dir, len(theirs))
+
+    def _stop_writing(self) -> list[tuple[Path, BaseException]]:
+        """Wait for the pending writes, stop the writer, release the lock; return the failures not raised yet."""
+        writer, lock, finalizer = self._writer, self._lock, self._finalizer
+        self._writer = self._lock = self._finalizer = None
+        self._buffers = []
+        if finalizer is not None:
+            finalizer.detach()
+        try:
+            return [] if writer is None else writer.wait()
+        finally:
+            if writer is not None:
+                writer.stop()
+            if lock is not None:
+                lock.release()
 
     def flush(self) -> None:
         """Wait until every snapshot written so far is complete and on disk.
 
         Raises:
-            SnapshotWriteError: naming the file and the cause, if a write failed.
+            SnapshotWriteError: naming the files and the cause, if writes failed.
         """
         if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:
-        """Flush, then stop the background writer (a later snapshot starts a new one)."""
-        if self._writer is not None:
-            try:
-                self._writer.flush()
-            finally:
-                self._writer.close()
-                self._writer = None
-                self._spare.clear()
+        """End the writing: snapshot the current step if it has none, flush, stop the writer and release the folder.
+
+        The final snapshot makes the end of training synthesizable; it is taken
+        when ``final_snapshot`` is true (the default), the tracker has a
+        ``snapshot_dir`` and an update, and the current step has no snapshot yet.
+        Calling it again does nothing more; a later update or snapshot starts
+        writing again.
+
+        Raises:
+            SnapshotWriteError: naming every file whose write failed and was not
+                reported yet; the writer is stopped and the folder released anyway.
+
+        Example:
+            >>> with PostHocEMA(torch.nn.Linear(2, 1), snapshot_dir=folder) as emas:  # doctest: +SKIP
+            ...     for batch in loader:
+            ...         train_step(batch)
+            ...         emas.update()
+            >>> # here the last step is snapshotted, on disk, and the writer thread gone
+        """
+        self._close(final=self.final_snapshot)
+
+    def _close(self, *, final: bool) -> None:
+        failed = [] if self._writer is None else self._writer.wait()
+        try:
+            if final and self.snapshot_dir is not None and self.step > 0 and self._snapshot_step < self.step:
+                self.snapshot()
+        finally:
+            failed += self._stop_writing()
+            if failed:
+                raise write_error(failed)
+
+    def __enter__(self) -> PostHocEMA:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        """:meth:`close`; when the block raised, without the final snapshot (the EMAs may be mid-update)."""
+        if exc is None:
+            self.close()
+            return
+        try:
+            self._close(final=False)
+        except SnapshotWriteError as err:  # the block's own exception is the one to see
+            log.error("%s", err)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The tracker without its writer thread, lock or staging buffers (a copy starts its own when it snapshots)."""
+        state = self.__dict__.copy()
+        for key in ("_writer", "_lock", "_finalizer", "_buffers", "_folder_checked"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        legacy, warned = state.pop("_legacy_resume", False), state.pop("_warned_wide", set())
+        self.__dict__.update(state)
+        self._init_writing()
+        self._legacy_resume, self._warned_wide = legacy, warned
 
     def synthesize(
         self,
@@ -489,7 +681,7 @@ class PostHocEMA:
         if self.snapshot_dir is None:
             raise ValueError("this PostHocEMA has no snapshot_dir to synthesize from")
         self.flush()
-        return synthesize(self.snapshot_dir, sigma_rel, step=step, device=device, dtype=dtype)
+        return synthesize(self.snapshot_dir, sigma_rel, step=step, device=device, dtype=dtype, prefix=self.prefix)
 
     # -- resume ---------------------------------------------------------------
 
@@ -506,6 +698,7 @@ class PostHocEMA:
             "ema_step": self._ema_step,
             "calls": self._calls,
             "snapshot_step": self._snapshot_step,
+            "run_id": self.run_id,
             "emas": [dict(self._ema_items(i)) for i in range(len(self.sigma_rels))],
         }
 
@@ -551,6 +744,9 @@ class PostHocEMA:
         self._ema_step = int(state_dict["ema_step"])
         self._calls = int(state_dict["calls"])
         self._snapshot_step = int(state_dict["snapshot_step"])
+        # The resumed run keeps its id, so its snapshots already in the folder are its own.
+        self.run_id, self._legacy_resume = state_dict.get("run_id") or self.run_id, "run_id" not in state_dict
+        self._folder_checked = False
         if self.snapshot_dir is not None:
             later = [i for i in list_snapshots(self.snapshot_dir) if i.step > self.step]
             if later:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import importlib.metadata
@@ -26,7 +27,10 @@ from safetensors.torch import load_file, save_file
 from posthoc_ema import SnapshotError, SnapshotWriteError, files, list_snapshots
 from posthoc_ema.snapshots import read_info, write_atomic
 
-METADATA_KEYS = {"format", "format_version", "step", "sigma_rel", "gamma", "dtype", "update_every", "library_version"}
+METADATA_KEYS = {
+    "format", "format_version", "step", "sigma_rel", "gamma", "dtype", "update_every", "library_version", "run_id",
+    "prefix",
+}  # fmt: skip
 
 
 def gamma_of(sigma_rel: float) -> float:
@@ -69,7 +73,7 @@ def write_snapshots(folder: Path, make_tracker, n_calls: int = 6, **kwargs):
 @pytest.mark.parametrize(("snapshot_dtype", "dtype_name"), [("float32", "float32"), (torch.bfloat16, "bfloat16")])
 @pytest.mark.parametrize("update_every", [1, 2])
 def test_metadata_describes_the_snapshot(tmp_path, make_tracker, snapshot_dtype, dtype_name, update_every):
-    write_snapshots(tmp_path, make_tracker, snapshot_dtype=snapshot_dtype, update_every=update_every)
+    tracker = write_snapshots(tmp_path, make_tracker, snapshot_dtype=snapshot_dtype, update_every=update_every)
     files = sorted(tmp_path.glob("*.safetensors"))
     assert len(files) == 4
     seen = set()
@@ -82,16 +86,20 @@ def test_metadata_describes_the_snapshot(tmp_path, make_tracker, snapshot_dtype,
         assert meta["dtype"] == dtype_name
         assert meta["update_every"] == str(update_every)
         assert meta["library_version"] == importlib.metadata.version("posthoc-ema")
+        assert meta["run_id"] == tracker.run_id and re.fullmatch("[0-9a-f]{32}", tracker.run_id)
+        assert meta["prefix"] == "phema"
         sigma_rel = float(meta["sigma_rel"])
         assert sigma_rel in (0.05, 0.10)
         assert float(meta["gamma"]) == pytest.approx(gamma_of(sigma_rel), rel=1e-12)
         seen.add((int(meta["step"]), sigma_rel))
         info = read_info(path)
-        assert (info.step, info.sigma_rel, info.dtype, info.update_every) == (
+        assert (info.step, info.sigma_rel, info.dtype, info.update_every, info.run_id, info.prefix) == (
             int(meta["step"]),
             sigma_rel,
             dtype_name,
             update_every,
+            tracker.run_id,
+            "phema",
         )
     assert seen == {(3, 0.05), (3, 0.10), (6, 0.05), (6, 0.10)}
 
@@ -238,8 +246,13 @@ def test_write_atomic_leaves_the_old_file_when_a_write_fails(tmp_path, monkeypat
 
 def wait_for_writer(tracker) -> None:
     # Reaches into the background writer only to make the test deterministic: wait
-    # until the failed job has been recorded, without surfacing the error.
-    tracker._writer._jobs.join()
+    # until the failed job is done, without surfacing the error.
+    concurrent.futures.wait([future for _, future in tracker._writer._futures])
+
+
+def snapshot_files(folder: Path) -> list[Path]:
+    """The files of a folder but the tracker's lock file."""
+    return sorted(p for p in folder.iterdir() if p.name != ".phema.lock")
 
 
 def disk_full(tensors, filename, metadata=None):
@@ -263,15 +276,17 @@ def test_a_failing_write_surfaces_at_the_next_call(tmp_path, make_tracker, monke
     assert str(paths[0]) in message and "No space left on device" in message
     assert isinstance(caught.value.__cause__, OSError) and caught.value.__cause__.errno == errno.ENOSPC
     assert isinstance(caught.value, OSError)
-    assert not list(tmp_path.iterdir())  # neither a partial snapshot nor a *.tmp
+    assert not snapshot_files(tmp_path)  # neither a partial snapshot nor a *.tmp
 
+    # update() records its step before it raises: the caller may go on.
+    assert tracker.step == (2 if surfaces_at == "update" else 1)
     # Raised once; once the disk has room again, snapshots are written.
     monkeypatch.undo()
     tracker.update()
     written = tracker.snapshot()
     tracker.flush()
-    assert sorted(tmp_path.iterdir()) == sorted(written)
-    assert [i.step for i in list_snapshots(tmp_path)] == [2]
+    assert snapshot_files(tmp_path) == sorted(written)
+    assert [i.step for i in list_snapshots(tmp_path)] == [tracker.step]
 
 
 def test_a_failing_write_surfaces_by_flush_at_the_latest(tmp_path, make_tracker, monkeypatch):
@@ -285,7 +300,7 @@ def test_a_failing_write_surfaces_by_flush_at_the_latest(tmp_path, make_tracker,
         tracker.flush()
     with contextlib.suppress(SnapshotWriteError):  # writes queued behind the failure still run
         tracker.close()
-    assert not list(tmp_path.iterdir())
+    assert not snapshot_files(tmp_path)
 
 
 def test_snapshot_files_have_the_usual_mode(tmp_path, make_tracker):
@@ -334,7 +349,8 @@ WRITER = textwrap.dedent(
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024), torch.nn.BatchNorm1d(1024))
-    tracker = PostHocEMA(model, (0.05, 0.10), snapshot_dir=sys.argv[1], snapshot_every=1)
+    # Each round is a new run in the folder of the killed one (whose lock the kill released).
+    tracker = PostHocEMA(model, (0.05, 0.10), snapshot_dir=sys.argv[1], snapshot_every=1, existing="overwrite")
     while True:
         with torch.no_grad():
             for p in model.parameters():
@@ -361,7 +377,7 @@ def is_temporary(name: str) -> bool:
 def check_folder_after_crash(folder: Path) -> None:
     infos = list_snapshots(folder)  # raises on any partial *.safetensors
     assert infos
-    assert {p.name for p in folder.iterdir() if not is_temporary(p.name)} == {i.path.name for i in infos}
+    assert {p.name for p in snapshot_files(folder) if not is_temporary(p.name)} == {i.path.name for i in infos}
     for info in infos:
         tensors = load_file(info.path)
         assert {k: tuple(t.shape) for k, t in tensors.items()} == WRITER_SHAPES

@@ -568,9 +568,11 @@ def train(model: torch.nn.Module, tracker: PostHocEMA, calls: range, *, seed: in
 def folder_contents(folder) -> dict[str, tuple[dict[str, str], dict[str, bytes]]]:
     """name -> (metadata, tensor bits) of every file; safetensors orders header keys arbitrarily, so not bytes."""
     contents = {}
-    for path in sorted(folder.iterdir()):
+    for path in sorted(folder.glob("*.safetensors")):
         with safe_open(path, framework="pt") as f:
-            contents[path.name] = (f.metadata(), {k: bits(f.get_tensor(k)) for k in f.keys()})  # noqa: SIM118
+            meta = f.metadata()
+            meta.pop("run_id")  # each run's own; compared on its own
+            contents[path.name] = (meta, {k: bits(f.get_tensor(k)) for k in f.keys()})  # noqa: SIM118
     return contents
 
 
@@ -590,6 +592,7 @@ def test_resume_is_bit_for_bit(tmp_path, make_tracker, update_every, stop):
     buffer = io.BytesIO()
     torch.save(interrupted.state_dict(), buffer)
     train(model_b, interrupted, range(stop + 1, stop + 8), seed=1000)
+    interrupted.final_snapshot = False  # it dies: no final snapshot
     interrupted.close()
 
     torch.manual_seed(123)  # a fresh model with other weights, then the checkpoint's
@@ -609,6 +612,9 @@ def test_resume_is_bit_for_bit(tmp_path, make_tracker, update_every, stop):
     files_a, files_b = folder_contents(tmp_path / "straight"), folder_contents(tmp_path / "resumed")
     assert list(files_a) == list(files_b)
     assert files_a == files_b
+    # The resumed run is the interrupted one: one run id across its folder.
+    assert resumed.run_id == interrupted.run_id != straight.run_id
+    assert {i.run_id for i in list_snapshots(tmp_path / "resumed")} == {interrupted.run_id}
 
 
 def test_load_state_dict_with_other_sigma_rels():
