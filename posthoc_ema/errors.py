@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "EvaluationError",
+    "ModelChangedError",
     "PoorReconstructionWarning",
     "PostHocEMAError",
     "SnapshotError",
@@ -27,6 +28,10 @@ class SnapshotError(PostHocEMAError, ValueError):
 
 class SnapshotWriteError(PostHocEMAError, OSError):
     """A snapshot that could not be written in the background, raised at the next call."""
+
+
+class ModelChangedError(PostHocEMAError, RuntimeError):
+    """A tracked tensor of the model was removed, moved, or replaced by one of another shape, dtype or device."""
 
 
 class EvaluationError(PostHocEMAError, RuntimeError):

@@ -64,6 +64,8 @@ class SnapshotInfo:
         update_every: how many ``update()`` calls there were per EMA update.
         library_version: version of posthoc-ema that wrote the file.
         run_id: identity of the training run that wrote it; None in files written before runs had one.
+        start_step: the step this EMA began at, when it was added on resume (see
+            :meth:`PostHocEMA.load_state_dict`); None for an EMA tracked from step 0.
         tensors: name -> (safetensors dtype, shape) of every tensor, from the header.
         offsets: name -> absolute byte offset of the tensor's data in the file.
     """
@@ -76,21 +78,26 @@ class SnapshotInfo:
     update_every: int
     library_version: str
     run_id: str | None = None
+    start_step: int | None = None
     tensors: Mapping[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict, compare=False, repr=False)
     offsets: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def metadata(self) -> dict[str, str]:
         """The safetensors metadata that describes this snapshot."""
-        return {
-            "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
-            "step": str(self.step),
-            "sigma_rel": repr(self.sigma_rel),
-            "gamma": repr(self.gamma),
-            "dtype": self.dtype,
-            "update_every": str(self.update_every),
-            "library_version": self.library_version,
-        } | ({} if self.run_id is None else {"run_id": self.run_id})
+        return (
+            {
+                "format": FORMAT,
+                "format_version": str(FORMAT_VERSION),
+                "step": str(self.step),
+                "sigma_rel": repr(self.sigma_rel),
+                "gamma": repr(self.gamma),
+                "dtype": self.dtype,
+                "update_every": str(self.update_every),
+                "library_version": self.library_version,
+            }
+            | ({} if self.run_id is None else {"run_id": self.run_id})
+            | ({} if self.start_step is None else {"start_step": str(self.start_step)})
+        )
 
 
 def snapshot_name(step: int, sigma_rel: float) -> str:
@@ -118,6 +125,7 @@ def _info_from_header(path: Path, meta: Mapping[str, str], table: Mapping[str, M
             update_every=int(meta["update_every"]),
             library_version=meta["library_version"],
             run_id=meta.get("run_id"),
+            start_step=int(meta["start_step"]) if "start_step" in meta else None,
             tensors={name: (str(t["dtype"]), tuple(int(n) for n in t["shape"])) for name, t in table.items()},
             offsets={name: int(t["offset"]) for name, t in table.items()},
         )
