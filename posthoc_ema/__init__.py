@@ -3,6 +3,7 @@
 from posthoc_ema._version import __version__
 from posthoc_ema.errors import (
     EvaluationError,
+    ModelChangedError,
     PoorReconstructionWarning,
     PostHocEMAError,
     SnapshotError,
@@ -32,6 +33,7 @@ __all__ = [
     "ERROR_WARNING_THRESHOLD",
     "MAX_SIGMA_REL",
     "EvaluationError",
+    "ModelChangedError",
     "Plan",
     "PoorReconstructionWarning",
     "PostHocEMA",

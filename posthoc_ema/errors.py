@@ -12,6 +12,7 @@ from pathlib import Path
 
 __all__ = [
     "EvaluationError",
+    "ModelChangedError",
     "PoorReconstructionWarning",
     "PostHocEMAError",
     "SnapshotError",
@@ -35,6 +36,10 @@ class SnapshotWriteError(PostHocEMAError, OSError):
     """
 
     paths: tuple[Path, ...] = ()
+
+
+class ModelChangedError(PostHocEMAError, RuntimeError):
+    """A tracked tensor of the model was removed, moved, or replaced by one of another shape, dtype or device."""
 
 
 class EvaluationError(PostHocEMAError, RuntimeError):

@@ -74,6 +74,8 @@ class SnapshotInfo:
         run_id: identity of the training run that wrote it; None in files written before runs had one.
         prefix: the namespace of the tracker that wrote it, so that several
             trackers (a GAN's generator and discriminator) can share a folder.
+        start_step: the step this EMA began at, when it was added on resume (see
+            :meth:`PostHocEMA.load_state_dict`); None for an EMA tracked from step 0.
         tensors: name -> (safetensors dtype, shape) of every tensor, from the header.
         offsets: name -> absolute byte offset of the tensor's data in the file.
     """
@@ -87,22 +89,27 @@ class SnapshotInfo:
     library_version: str
     run_id: str | None = None
     prefix: str = DEFAULT_PREFIX
+    start_step: int | None = None
     tensors: Mapping[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict, compare=False, repr=False)
     offsets: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def metadata(self) -> dict[str, str]:
         """The safetensors metadata that describes this snapshot."""
-        return {
-            "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
-            "step": str(self.step),
-            "sigma_rel": repr(self.sigma_rel),
-            "gamma": repr(self.gamma),
-            "dtype": self.dtype,
-            "update_every": str(self.update_every),
-            "library_version": self.library_version,
-            "prefix": self.prefix,
-        } | ({} if self.run_id is None else {"run_id": self.run_id})
+        return (
+            {
+                "format": FORMAT,
+                "format_version": str(FORMAT_VERSION),
+                "step": str(self.step),
+                "sigma_rel": repr(self.sigma_rel),
+                "gamma": repr(self.gamma),
+                "dtype": self.dtype,
+                "update_every": str(self.update_every),
+                "library_version": self.library_version,
+                "prefix": self.prefix,
+            }
+            | ({} if self.run_id is None else {"run_id": self.run_id})
+            | ({} if self.start_step is None else {"start_step": str(self.start_step)})
+        )
 
 
 def check_prefix(prefix: str) -> str:
@@ -148,6 +155,7 @@ def _info_from_header(path: Path, meta: Mapping[str, str], table: Mapping[str, M
             library_version=meta["library_version"],
             run_id=meta.get("run_id"),
             prefix=meta.get("prefix", DEFAULT_PREFIX),
+            start_step=int(meta["start_step"]) if "start_step" in meta else None,
             tensors={name: (str(t["dtype"]), tuple(int(n) for n in t["shape"])) for name, t in table.items()},
             offsets={name: int(t["offset"]) for name, t in table.items()},
         )

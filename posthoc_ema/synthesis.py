@@ -13,13 +13,16 @@ import contextlib
 import errno
 import functools
 import itertools
+import logging
 import math
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +35,7 @@ from posthoc_ema.dtypes import FLOATING_DTYPES, dtype_name, parse_dtype
 from posthoc_ema.errors import PoorReconstructionWarning, SnapshotError
 from posthoc_ema.files import write_atomic
 from posthoc_ema.snapshots import SYNTHESIZED_FORMAT, SnapshotInfo, list_snapshots, mixed_runs
+from posthoc_ema.tracker import as_step
 
 __all__ = [
     "ERROR_WARNING_THRESHOLD",
@@ -45,6 +49,8 @@ __all__ = [
     "synthesize",
     "synthesize_many",
 ]
+
+log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -202,6 +208,7 @@ def _check_consistent(snapshots: Sequence[SnapshotInfo]) -> None:
 def _pick_step(steps: Sequence[int], step: int | None) -> int:
     if step is None:
         return max(steps)
+    step = as_step(step)
     grid = sorted(set(steps))
     if step > grid[-1]:
         raise ValueError(f"step={step} is after the last snapshot (step {grid[-1]})")
@@ -256,6 +263,25 @@ def plan(
     found = list_snapshots(snapshot_dir, prefix=prefix)
     if not found:
         raise SnapshotError(f"{snapshot_dir}: no snapshots (no .safetensors file with posthoc-ema snapshot metadata)")
+    # An EMA added on resume began at start_step from a copy of the weights: its
+    # profile is a point mass there plus the power function after it, not the
+    # power function from 0 that the solve assumes (EDM2 eq. 121). Leave it out.
+    late = [s for s in found if s.start_step]
+    if late:
+        found = [s for s in found if not s.start_step]
+        log.warning(
+            "%s: leaving out %d snapshots of EMAs added on resume (sigma_rel %s, from step %d): their profile "
+            "is not a power function from step 0",
+            snapshot_dir,
+            len(late),
+            ", ".join(sorted({repr(s.sigma_rel) for s in late})),
+            min(s.start_step or 0 for s in late),
+        )
+        if not found:
+            raise SnapshotError(
+                f"{snapshot_dir}: every snapshot is of an EMA added on resume (start_step > 0); "
+                "synthesis needs EMAs tracked from step 0"
+            )
     out_step = _pick_step([s.step for s in found], step)
     used = tuple(s for s in found if s.step <= out_step)
     _check_consistent(used)
@@ -363,7 +389,7 @@ def run(
         buffers = [torch.empty(len(batch), min(chunk, total), dtype=torch.float32) for _ in range(2)]
         w = weights[:, first : first + len(batch)]
         bases = [_flat_base(info, keys, starts) for info in batch]
-        with contextlib.ExitStack() as stack, ThreadPoolExecutor(1) as reader, _one_torch_thread(dev):
+        with contextlib.ExitStack() as stack, ThreadPoolExecutor(1) as reader, _one_torch_thread(dev) as on_product:
             files = [stack.enter_context(_open_raw(info)) for info in batch]
             fill = functools.partial(_fill, files=files, infos=batch, bases=bases, keys=keys, starts=starts)
             pending = reader.submit(fill, buffers[0], *bounds[0])
@@ -371,7 +397,7 @@ def run(
                 x = pending.result().to(dev)  # a copy for a GPU, so the buffer can be refilled
                 if n + 1 < len(bounds):
                     pending = reader.submit(fill, buffers[(n + 1) % 2], *bounds[n + 1])
-                sums[:, e0:e1].addmm_(w, x, beta=1.0 if first else 0.0)
+                on_product(sums[:, e0:e1].addmm_, w, x, beta=1.0 if first else 0.0)
                 done += (e1 - e0) * len(batch)
                 if progress is not None:
                     progress(done, work)
@@ -420,19 +446,28 @@ def _flat_base(info: SnapshotInfo, keys: Sequence[str], starts: Sequence[int]) -
 
 
 @contextlib.contextmanager
-def _one_torch_thread(device: torch.device) -> Iterator[None]:
+def _one_torch_thread(device: torch.device) -> Iterator[Callable[..., Any]]:
+    """A function that runs a call on a thread limited to one torch thread (on the CPU)."""
     # The pass is a pipeline: one thread reads, one multiplies. The products are
     # thin ([n_targets, n_snapshots] @ [n_snapshots, chunk]) and memory-bound; a
     # thread pool competing with the reader made them several times slower.
+    # torch.set_num_threads sets the calling thread's OpenMP and MKL counts, and
+    # the process default that threads take when they first use torch. So the
+    # products get a thread of their own, and the default is put back at once:
+    # the caller and every other thread keep their settings.
     if device.type != "cpu":
-        yield
+        yield lambda fn, *args, **kwargs: fn(*args, **kwargs)
         return
-    before = torch.get_num_threads()
+    with ThreadPoolExecutor(1, thread_name_prefix="posthoc-ema-product", initializer=_limit_to_one_thread) as pool:
+        yield lambda fn, *args, **kwargs: pool.submit(fn, *args, **kwargs).result()
+
+
+def _limit_to_one_thread() -> None:
+    default = torch.get_num_threads()  # a new thread starts with the process default
     torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    restore = threading.Thread(target=torch.set_num_threads, args=(default,))
+    restore.start()
+    restore.join()
 
 
 @contextlib.contextmanager

@@ -6,8 +6,10 @@ import concurrent.futures
 import contextlib
 import fnmatch
 import logging
+import operator
 import os
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,11 +19,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from posthoc_ema import profiles
 from posthoc_ema._version import __version__
 from posthoc_ema.dtypes import dtype_name, parse_dtype
-from posthoc_ema.errors import SnapshotError, SnapshotWriteError
+from posthoc_ema.errors import ModelChangedError, SnapshotError, SnapshotWriteError
 from posthoc_ema.files import write_atomic
 from posthoc_ema.snapshots import DEFAULT_PREFIX, SnapshotInfo, check_prefix, list_snapshots, snapshot_name
 from posthoc_ema.writer import BackgroundWriter, FolderLock, release, write_error
@@ -29,7 +35,7 @@ from posthoc_ema.writer import BackgroundWriter, FolderLock, release, write_erro
 if TYPE_CHECKING:
     from posthoc_ema.synthesis import StateDict
 
-__all__ = ["PostHocEMA", "clean_key"]
+__all__ = ["PostHocEMA", "as_step", "clean_key"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,33 @@ def clean_key(key: str) -> str:
     return key.replace("._orig_mod.", ".")
 
 
+def as_step(value: Any, *, name: str = "step") -> int:
+    """``value`` as a Python int, if it is an integer of any kind (Python, NumPy, a 0-d torch tensor).
+
+    Floats, even whole ones, and booleans are refused: a step is a count.
+
+    Raises:
+        ValueError: if ``value`` is not an integer.
+
+    >>> as_step(np.int64(3)), as_step(torch.tensor(3))
+    (3, 3)
+    """
+    is_bool = isinstance(value, bool | np.bool_) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+    if not is_bool:
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise ValueError(f"{name}={value!r} is not an integer; give an int (Python, NumPy or a 0-d integer tensor)")
+
+
+def _as_sigma_rel(sigma_rel: Any) -> float:
+    try:
+        return float(sigma_rel)
+    except (TypeError, ValueError):
+        raise ValueError(f"sigma_rel={sigma_rel!r} is not a number") from None
+
+
 def _model_entries(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     entries: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict(keep_vars=True).items():
@@ -69,6 +102,60 @@ def _model_entries(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return entries
 
 
+def _live(module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """The tensor ``module`` holds under ``name`` now (parameter or buffer), or None."""
+    for holder in (module._parameters, module._buffers):
+        if name in holder:
+            return holder[name]
+    return None
+
+
+def _difference(old: torch.Tensor, new: torch.Tensor) -> str | None:
+    """How ``new`` differs from ``old`` in what the EMA depends on, or None if it can take its place."""
+    if tuple(new.shape) != tuple(old.shape):
+        return f"shape {tuple(new.shape)} instead of {tuple(old.shape)}"
+    if new.dtype != old.dtype:
+        return f"dtype {new.dtype} instead of {old.dtype}"
+    if new.device != old.device:
+        return f"device {new.device} instead of {old.device}"
+    return None
+
+
+# -- following tensors the model replaces ------------------------------------------
+#
+# Assigning a parameter or buffer (`model.weight = nn.Parameter(...)`, `self.stat = ...`
+# in forward, `load_state_dict(..., assign=True)`) goes through torch's global
+# registration hooks. The hook only notes (module, name) for the trackers watching that
+# module, so update() pays one emptiness test when nothing was assigned.
+
+_WATCHERS: dict[int, weakref.WeakSet[PostHocEMA]] = {}  # id(module) -> trackers holding its tensors
+_HOOKS: list[Any] = []
+
+
+def _on_assign(module: torch.nn.Module, name: str, value: Any) -> None:
+    watchers = _WATCHERS.get(id(module))
+    if watchers:
+        for tracker in watchers:
+            tracker._assigned.append((id(module), name))
+
+
+def _watch(tracker: PostHocEMA, modules: Iterable[torch.nn.Module]) -> None:
+    if not _HOOKS:
+        _HOOKS.append(register_module_parameter_registration_hook(_on_assign))
+        _HOOKS.append(register_module_buffer_registration_hook(_on_assign))
+    ids = sorted({id(m) for m in modules})
+    for i in ids:
+        _WATCHERS.setdefault(i, weakref.WeakSet()).add(tracker)
+    weakref.finalize(tracker, _unwatch, ids)
+
+
+def _unwatch(ids: list[int]) -> None:
+    for i in ids:
+        watchers = _WATCHERS.get(i)
+        if watchers is not None and not any(True for _ in watchers):
+            del _WATCHERS[i]
+
+
 @dataclass
 class _Group:
     """Averaged tensors that share a source device and dtype: one foreach call per EMA."""
@@ -76,7 +163,10 @@ class _Group:
     sources: list[torch.Tensor]
     emas: list[list[torch.Tensor]]  # [ema index][tensor]
     staging: list[torch.Tensor] | None  # source copies in the EMA dtype/device, when they differ
-    sync_device: torch.device | None = None  # CUDA device to wait for before the CPU reads staging
+    sync_device: torch.device | None  # CUDA device to wait for before the CPU reads staging
+    src_device: torch.device
+    src_dtype: torch.dtype
+    sentinel: int  # a parameter of the group: model.to() changes its device or dtype in place
 
 
 @dataclass
@@ -85,6 +175,28 @@ class _Copied:
 
     sources: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Tracked:
+    """One tracked tensor: its state_dict keys, where the model holds it, and its slot."""
+
+    keys: list[str]
+    homes: list[tuple[torch.nn.Module, str]]  # (module, attribute name); several when tied
+    holder: _Group | _Copied
+    index: int
+
+
+def _staging_for(group: _Group, ema_device: torch.device, ema_dtype: torch.dtype) -> None:
+    """Set the group's staging buffers for EMAs kept in ``ema_dtype`` on ``ema_device``."""
+    direct = ema_device == group.src_device and ema_dtype == group.src_dtype
+    pin = ema_device.type == "cpu" and group.src_device.type == "cuda"
+    group.staging = None
+    if not direct:
+        group.staging = [
+            torch.empty(t.shape, dtype=ema_dtype, device=ema_device, pin_memory=pin) for t in group.sources
+        ]
+    group.sync_device = group.src_device if pin else None
 
 
 class PostHocEMA:
@@ -104,6 +216,10 @@ class PostHocEMA:
 
     Create the tracker after moving the model to its device and dtype, as you
     would an optimizer: it holds the model's tensors, not copies of the module.
+    A tensor the model replaces by assignment (``model.weight = nn.Parameter(...)``,
+    ``self.stat = ...`` in ``forward``, ``load_state_dict(sd, assign=True)``) is
+    followed at the next :meth:`update` if it keeps its shape, dtype and device;
+    otherwise :class:`~posthoc_ema.ModelChangedError` names it.
 
     Args:
         model: the model being trained.
@@ -120,7 +236,9 @@ class PostHocEMA:
             bfloat16 or float16 to halve the disk. Never applied to counters.
         trainable_only: track only parameters with ``requires_grad`` (adapters,
             LoRA); buffers are then left out.
-        exclude: glob patterns (``fnmatch``) of keys not to track.
+        exclude: glob patterns (``fnmatch``) of keys not to track, matched against
+            keys without wrapper prefixes (``net.0.weight``, not ``module.net.0.weight``);
+            a pattern that matches no key gives a warning.
         prefix: start of the snapshot file names, and the namespace of this
             tracker's snapshots in ``snapshot_dir``: trackers with different
             prefixes (a GAN's generator and discriminator) share a folder, and
@@ -137,7 +255,8 @@ class PostHocEMA:
     Raises:
         ValueError: for a sigma_rel outside (0, sqrt(1/12)), repeated sigma_rels,
             a non-positive ``snapshot_every`` or ``update_every``, a model with
-            nothing to track, an invalid ``prefix`` or ``existing``.
+            no floating tensor to track, a ``snapshot_dir`` that is a file, an
+            invalid ``prefix`` or ``existing``.
 
     One tracker writes into a folder (and prefix) at a time: a lock file
     ``.<prefix>.lock`` there is held while the tracker has a background writer
@@ -172,6 +291,8 @@ class PostHocEMA:
         existing: Literal["error", "overwrite"] = "error",
         final_snapshot: bool = True,
     ) -> None:
+        if isinstance(sigma_rels, torch.Tensor):
+            sigma_rels = sigma_rels.detach().cpu().double().numpy()
         given = np.asarray(sigma_rels, dtype=np.float64).reshape(-1)  # a number, a sequence, an array
         sigmas = tuple(profiles.canonical_sigma_rel(s) for s in given)
         if not sigmas:
@@ -199,34 +320,46 @@ class PostHocEMA:
         self._ema_step = 0  # time of the last EMA update
         self._calls = 0  # update() calls, for update_every
         self._snapshot_step = 0  # time of the last snapshot
+        self._start_steps = [0] * len(sigmas)  # when each EMA began: > 0 for one added on resume
         self._device = None if device is None else torch.device(device)
         self._build(model, trainable_only=trainable_only, exclude=tuple(exclude))
         self._init_writing()
         if self.snapshot_dir is not None:
-            self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise ValueError(
+                    f"snapshot_dir={str(self.snapshot_dir)!r} is a file (or lies under one), not a folder; "
+                    "give the path of a folder"
+                ) from None
 
     # -- construction -------------------------------------------------------
 
     def _build(self, model: torch.nn.Module, *, trainable_only: bool, exclude: tuple[str, ...]) -> None:
+        every = _model_entries(model)
+        for pattern in exclude:
+            if not any(fnmatch.fnmatchcase(k, pattern) for k in every):
+                hint = " (keys have no 'module.' prefix)" if pattern.startswith(("module.", "_orig_mod.")) else ""
+                warnings.warn(
+                    f"exclude pattern {pattern!r} matches no key of the model{hint}; keys are matched without "
+                    f"wrapper prefixes, e.g. {next(iter(every), '')!r}",
+                    UserWarning,
+                    stacklevel=3,
+                )
         entries = {
             k: t
-            for k, t in _model_entries(model).items()
+            for k, t in every.items()
             if not any(fnmatch.fnmatchcase(k, pattern) for pattern in exclude)
             and (not trainable_only or (isinstance(t, torch.nn.Parameter) and t.requires_grad))
         }
-        if not entries:
-            raise ValueError("the model has no tensors to track (check trainable_only and exclude)")
+        if not any(t.is_floating_point() for t in entries.values()):
+            what = "no tensors" if not entries else "no floating tensor (only integer buffers)"
+            raise ValueError(
+                f"the model has {what} to track; an EMA averages floating parameters or buffers "
+                "(check the model, trainable_only and exclude)"
+            )
         self._keys = list(entries)
         self._sources = entries
-        # Parameters keep their identity through model.to(); buffers do not, so
-        # remember where each tracked buffer lives to check it is still there.
-        tracked = {id(t) for t in entries.values()}
-        self._buffer_homes = [
-            (module, name, t)
-            for module in model.modules()
-            for name, t in module._buffers.items()
-            if t is not None and id(t) in tracked
-        ]
         # Tied weights appear under several keys: track each tensor once.
         unique: dict[int, torch.Tensor] = {}
         for t in entries.values():
@@ -245,11 +378,6 @@ class PostHocEMA:
         for (src_device, src_dtype), sources in groups.items():
             ema_device = self._device or src_device
             ema_dtype = torch.promote_types(src_dtype, torch.float32)
-            direct = ema_device == src_device and ema_dtype == src_dtype
-            pin = ema_device.type == "cpu" and src_device.type == "cuda"
-            staging = None
-            if not direct:
-                staging = [torch.empty(t.shape, dtype=ema_dtype, device=ema_device, pin_memory=pin) for t in sources]
             emas = [
                 [
                     t.detach().to(device=ema_device, dtype=ema_dtype, copy=True, memory_format=torch.contiguous_format)
@@ -257,45 +385,146 @@ class PostHocEMA:
                 ]
                 for _ in self.sigma_rels
             ]
-            group = _Group(sources, emas, staging, src_device if pin else None)
+            sentinel = next((i for i, t in enumerate(sources) if isinstance(t, torch.nn.Parameter)), 0)
+            group = _Group(sources, emas, None, None, src_device, src_dtype, sentinel)
+            _staging_for(group, ema_device, ema_dtype)
             for i, t in enumerate(sources):
                 self._slot[id(t)] = (group, i)
             self._groups.append(group)
+        # Where the model holds each tracked tensor, to follow assignments and to
+        # check at snapshots that nothing was replaced behind the hooks' back
+        # (model.to() writes module._buffers directly).
+        keys_of: dict[int, list[str]] = {}
+        for k, t in entries.items():
+            keys_of.setdefault(id(t), []).append(k)
+        homes: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+        for module in model.modules():
+            for holder in (module._parameters, module._buffers):
+                for name, held in holder.items():
+                    if held is not None and id(held) in keys_of:
+                        homes.setdefault(id(held), []).append((module, name))
+        self._tracked: list[_Tracked] = []
+        self._by_home: dict[tuple[int, str], _Tracked] = {}
+        for tid in unique:
+            holder, index = self._slot[tid]
+            record = _Tracked(keys_of[tid], homes.get(tid, []), holder, index)
+            self._tracked.append(record)
+            for module, name in record.homes:
+                self._by_home[(id(module), name)] = record
+        self._home_modules = {id(module) for r in self._tracked for module, _ in r.homes}
+        self._assigned: list[tuple[int, str]] = []  # (id(module), name) assigned since the last update
+        self._model_arg: weakref.ref[torch.nn.Module] | None = None  # the last module update() accepted
+        _watch(self, (module for r in self._tracked for module, _ in r.homes))
         # What a snapshot copies: every floating entry into one flat buffer (one
         # foreach copy), the few others one by one.
         self._floating_keys = [k for k in self._keys if self._sources[k].is_floating_point()]
         self._other_keys = [k for k in self._keys if not self._sources[k].is_floating_point()]
         self._floating_numels = [self._sources[k].numel() for k in self._floating_keys]
+        self._flatten()
+
+    def _flatten(self) -> None:
         self._flat_emas = [
             [t.view(-1) for _, t in self._ema_items_of(index, self._floating_keys)]
             for index in range(len(self.sigma_rels))
         ]
 
+    # -- following the model ------------------------------------------------
+
+    def _follow(self, records: Iterable[_Tracked]) -> None:
+        """Re-bind each record whose home now holds another tensor, or raise if it cannot be followed."""
+        for record in records:
+            old = record.holder.sources[record.index]
+            lives = [_live(module, name) for module, name in record.homes]
+            if all(t is old for t in lives):
+                continue
+            key = record.keys[0]
+            new = lives[0]
+            if new is None or any(t is None for t in lives):
+                raise ModelChangedError(
+                    f"the model's tensor {key!r} was removed since PostHocEMA was created; "
+                    "create the tracker for the model as it is trained"
+                )
+            if any(t is not new for t in lives):
+                raise ModelChangedError(
+                    f"the model's tied tensor {key!r} (also {', '.join(map(repr, record.keys[1:]))}) was replaced "
+                    "in some of its places but not all, so it is no longer one tensor; keep tied weights tied"
+                )
+            problem = _difference(old, new)
+            if problem is not None:
+                raise ModelChangedError(
+                    f"the model's tensor {key!r} was replaced by one with {problem}; the EMA can follow a "
+                    "replaced tensor only if it keeps its shape, dtype and device (create PostHocEMA after "
+                    "model.to(...), or load weights with load_state_dict(sd) without assign=True)"
+                )
+            record.holder.sources[record.index] = new
+            del self._slot[id(old)]
+            self._slot[id(new)] = (record.holder, record.index)
+            for k in record.keys:
+                self._sources[k] = new
+
+    def _follow_assigned(self) -> None:
+        # Forget the assignments only once followed: an error is raised again at the next update.
+        seen = len(self._assigned)
+        records = {id(r): r for home in self._assigned[:seen] if (r := self._by_home.get(home)) is not None}
+        self._follow(records.values())
+        del self._assigned[:seen]
+
     # -- training -------------------------------------------------------------
 
     @torch.no_grad()
-    def update(self, step: int | None = None) -> None:
+    def update(self, model_or_step: torch.nn.Module | int | None = None, /, *, step: int | None = None) -> None:
         """Record the model's current weights; call after each optimizer step.
 
+        ``update()``, ``update(step)``, ``update(step=step)``, and timm's style
+        ``update(model)`` or ``update(model, step=step)`` all work; a model passed
+        must be the tracked one (or a wrapper of it, or the module it wraps).
+
         Args:
-            step: the training time now (samples, tokens, ...), greater than the
-                previous one; default: the previous step + 1.
+            model_or_step: the tracked model (ignored beyond that check) or the step.
+            step: the training time now (samples, tokens, ...), an integer of any
+                kind greater than the previous one; default: the previous step + 1.
 
         Raises:
-            ValueError: if ``step`` does not increase (nothing is recorded).
+            ValueError: if ``step`` is not an integer or does not increase, or the
+                model passed is not the tracked one (nothing is recorded).
+            ModelChangedError: if a tracked tensor was replaced by one of another
+                shape, dtype or device, or the model was moved.
             SnapshotWriteError: if earlier background snapshot writes failed,
                 naming them. The step is recorded and its snapshot, if due,
                 queued before this is raised: a caller may catch it and go on.
             SnapshotError: at the first snapshot, if the folder is in use by
                 another tracker or holds another run's snapshots.
+
+        Example:
+            >>> model = torch.nn.Linear(2, 1)
+            >>> emas = PostHocEMA(model, sigma_rels=0.1)
+            >>> emas.update(model, step=np.int64(10))
+            >>> emas.step
+            10
         """
+        if isinstance(model_or_step, torch.nn.Module):
+            self._check_model_arg(model_or_step)
+        elif model_or_step is not None:
+            if step is not None:
+                raise ValueError(f"step given twice: update({model_or_step!r}, step={step!r})")
+            step = model_or_step
         if step is None:
             step = self.step + 1
-        elif not isinstance(step, int) or isinstance(step, bool) or step <= self.step:
-            raise ValueError(f"step={step!r} must be an integer greater than the previous step {self.step}")
-        self.step = step
-        self._calls += 1
+        else:
+            step = as_step(step)
+            if step <= self.step:
+                raise ValueError(f"step={step!r} must be an integer greater than the previous step {self.step}")
+        if self._assigned:
+            self._follow_assigned()
+        previous, self.step = self.step, step
         due = self._snapshot_due()
+        if due:  # the full check, for replacements no hook sees (model.to() writes module._buffers)
+            try:
+                self._check_sources()
+            except ModelChangedError:
+                self.step = previous
+                raise
+        self._calls += 1
         if due or self._calls % self.update_every == 0:
             self._apply()
         if due:
@@ -303,11 +532,26 @@ class PostHocEMA:
         if self._writer is not None:  # after this step's work, so a caller who catches this loses no step
             self._writer.check()
 
+    def _check_model_arg(self, model: torch.nn.Module) -> None:
+        if self._model_arg is not None and self._model_arg() is model:
+            return
+        inside = {id(m) for m in model.modules()}
+        if not self._home_modules <= inside:
+            raise ValueError(
+                f"update() was given a {type(model).__name__} that does not hold the tracked tensors; pass the "
+                "model this PostHocEMA was created for (or call update() without it)"
+            )
+        self._model_arg = weakref.ref(model)
+
     def _snapshot_due(self) -> bool:
         every = self.snapshot_every
         return self.snapshot_dir is not None and every is not None and self.step // every > self._snapshot_step // every
 
     def _apply(self) -> None:
+        for group in self._groups:
+            sentinel = group.sources[group.sentinel]
+            if sentinel.device != group.src_device or sentinel.dtype != group.src_dtype:
+                self._check_sources()  # raises, naming the tensor
         step, prev = self.step, self._ema_step
         # EDM2 eq. 127 in Python floats: no tensor is read on the host, so no sync.
         weights = [1.0 - (prev / step) ** (g + 1) for g in self.gammas]
@@ -330,13 +574,69 @@ class PostHocEMA:
             ) from err
         self._ema_step = step
 
+    def to(
+        self,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        *,
+        non_blocking: bool = False,
+    ) -> PostHocEMA:
+        """Move the EMAs to ``device`` and/or keep their floating tensors in ``dtype``.
+
+        As diffusers' ``EMAModel.to`` (``src/diffusers/training_utils.py``):
+        floating EMAs take ``device`` and ``dtype``, copied integer buffers only
+        ``device``. The model stays where it is: later updates copy its weights
+        to the EMAs' device. ``dtype`` is the dtype the EMAs are averaged in
+        (float32 by default; float64 for more precision, bfloat16 to save memory at
+        the cost of accuracy). Snapshots are still written in ``snapshot_dtype``.
+
+        Args:
+            device: where to keep the EMAs; None leaves them where they are.
+            dtype: a floating dtype for the EMAs; None leaves it as it is.
+            non_blocking: passed to :meth:`torch.Tensor.to`.
+
+        Returns:
+            This tracker.
+
+        Raises:
+            ValueError: if ``dtype`` is not a floating dtype.
+
+        Example:
+            >>> emas = PostHocEMA(torch.nn.Linear(2, 1), sigma_rels=0.1).to("cpu", torch.float64)
+            >>> emas.ema_state_dict(0.1)["weight"].dtype
+            torch.float64
+        """
+        new_device = None if device is None else torch.device(device)
+        new_dtype = (
+            None if dtype is None else (dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype, None))
+        )
+        if dtype is not None and (not isinstance(new_dtype, torch.dtype) or not new_dtype.is_floating_point):
+            raise ValueError(f"dtype={dtype!r} is not a floating dtype; the EMAs are averages (e.g. torch.float32)")
+        for group in self._groups:
+            ema_device = new_device or group.emas[0][0].device
+            ema_dtype = new_dtype or group.emas[0][0].dtype
+            group.emas = [
+                [t.to(device=ema_device, dtype=ema_dtype, non_blocking=non_blocking) for t in emas]
+                for emas in group.emas
+            ]
+            _staging_for(group, ema_device, ema_dtype)
+        if new_device is not None:
+            self._copied.values = [t.to(new_device, non_blocking=non_blocking) for t in self._copied.values]
+            self._device = new_device
+        self._flatten()
+        return self
+
     # -- reading the EMAs -----------------------------------------------------
 
     def _index(self, sigma_rel: float) -> int:
+        value = _as_sigma_rel(sigma_rel)
         for i, s in enumerate(self.sigma_rels):
-            if profiles.same_sigma_rel(s, sigma_rel):
+            if profiles.same_sigma_rel(s, value):
                 return i
-        raise ValueError(f"sigma_rel={sigma_rel!r} is not tracked; tracked: {', '.join(map(repr, self.sigma_rels))}")
+        raise ValueError(
+            f"sigma_rel={profiles.canonical_sigma_rel(value)!r} is not tracked; "
+            f"tracked: {', '.join(map(repr, self.sigma_rels))}"
+        )
 
     def _ema_items(self, index: int) -> Iterator[tuple[str, torch.Tensor]]:
         return self._ema_items_of(index, self._keys)
@@ -350,6 +650,8 @@ class PostHocEMA:
         """A copy of the EMA of ``sigma_rel`` as it stands (floating entries in float32 or wider).
 
         With ``update_every > 1`` this is the EMA at its last update, :attr:`ema_step`.
+        ``sigma_rel`` may be any number (NumPy, 0-d tensor); it matches a tracked
+        one to 6 significant digits.
 
         Raises:
             ValueError: if ``sigma_rel`` is not tracked.
@@ -361,20 +663,41 @@ class PostHocEMA:
         """The step of the EMAs' last update (equals :attr:`step` when ``update_every == 1``)."""
         return self._ema_step
 
-    def _target(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def _target(self, model: torch.nn.Module, index: int) -> dict[str, torch.Tensor]:
+        """The model's tensors the EMA ``index`` goes into, checked before anything is written."""
         entries = _model_entries(model)
         missing = [k for k in self._keys if k not in entries]
         if missing:
             raise ValueError(f"the model lacks {len(missing)} tracked tensors, e.g. {missing[:3]}")
-        return {k: entries[k] for k in self._keys}
+        target = {k: entries[k] for k in self._keys}
+        for key, value in self._ema_items(index):
+            dest = target[key]
+            if tuple(dest.shape) != tuple(value.shape):
+                raise ValueError(
+                    f"the model's {key!r} has shape {tuple(dest.shape)}, the EMA's {tuple(value.shape)}; "
+                    "nothing was copied"
+                )
+            if not torch.can_cast(value.dtype, dest.dtype):
+                raise ValueError(
+                    f"the model's {key!r} is {dest.dtype}, which the EMA's {value.dtype} cannot be cast to; "
+                    "nothing was copied"
+                )
+            if dest.device.type == "meta":
+                raise ValueError(f"the model's {key!r} is on the meta device, which holds no data; nothing was copied")
+        return target
 
     def copy_to(self, model: torch.nn.Module, sigma_rel: float) -> None:
         """Load the EMA of ``sigma_rel`` into ``model`` (in its own dtype and device).
 
+        Every tensor is checked first, so on an error the model is left untouched.
+
         Raises:
-            ValueError: if ``sigma_rel`` is not tracked or the model lacks a tracked tensor.
+            ValueError: if ``sigma_rel`` is not tracked, or the model lacks a tracked
+                tensor or has one of another shape or of a dtype the EMA cannot be
+                cast to.
         """
-        self._load_into(self._target(model), self._index(sigma_rel))
+        index = self._index(sigma_rel)
+        self._load_into(self._target(model, index), index)
 
     @torch.no_grad()
     def _load_into(self, target: dict[str, torch.Tensor], index: int) -> None:
@@ -386,7 +709,10 @@ class PostHocEMA:
         """Temporarily put the EMA of ``sigma_rel`` into ``model``, e.g. to evaluate it.
 
         The model's own tensors are restored bit for bit on exit, also when the
-        block raises.
+        block raises. Every tensor is checked before the first is touched.
+
+        Raises:
+            ValueError: as :meth:`copy_to`, before the model is touched.
 
         Example:
             >>> model = torch.nn.Linear(2, 1)
@@ -395,8 +721,8 @@ class PostHocEMA:
             >>> with emas.swapped(model, sigma_rel=0.1):
             ...     pass  # evaluate(model)
         """
-        target = self._target(model)
         index = self._index(sigma_rel)
+        target = self._target(model, index)
         backup = {k: t.detach().clone() for k, t in target.items()}
         try:
             self._load_into(target, index)
@@ -409,12 +735,20 @@ class PostHocEMA:
     # -- snapshots ------------------------------------------------------------
 
     def _check_sources(self) -> None:
-        moved = [name for module, name, t in self._buffer_homes if module._buffers.get(name) is not t]
-        if moved:
-            raise RuntimeError(
-                f"the model's buffers were replaced since the tracker was created (e.g. {moved[0]!r}), "
-                "as model.to() does; create PostHocEMA after moving the model"
-            )
+        """Check every tracked tensor (slow: per tensor); follow replaced ones, raise for moved ones."""
+        # Moves first: model.to() changes parameters in place and replaces buffers.
+        for group in self._groups:
+            for t in group.sources:
+                if t.device != group.src_device or t.dtype != group.src_dtype:
+                    key = next(r.keys[0] for r in self._tracked if r.holder is group and r.holder.sources[r.index] is t)
+                    raise ModelChangedError(
+                        f"the model's tensor {key!r} moved from {group.src_device} {group.src_dtype} to "
+                        f"{t.device} {t.dtype} since PostHocEMA was created (model.to() or an assignment to "
+                        "its .data); create PostHocEMA after moving the model"
+                    )
+        seen = len(self._assigned)
+        self._follow(self._tracked)
+        del self._assigned[:seen]
 
     def snapshot(self) -> list[Path]:
         """Write a snapshot of every EMA now, in the background.
@@ -457,8 +791,9 @@ class PostHocEMA:
                 library_version=__version__,
                 run_id=self.run_id,
                 prefix=self.prefix,
+                start_step=start_step or None,
             )
-            for sigma_rel, gamma in zip(self.sigma_rels, self.gammas, strict=True)
+            for sigma_rel, gamma, start_step in zip(self.sigma_rels, self.gammas, self._start_steps, strict=True)
         ]
         if _is_writer_rank():
             writer = self._start_writing()  # raises before anything is staged
@@ -699,6 +1034,7 @@ class PostHocEMA:
             "calls": self._calls,
             "snapshot_step": self._snapshot_step,
             "run_id": self.run_id,
+            "start_steps": list(self._start_steps),
             "emas": [dict(self._ema_items(i)) for i in range(len(self.sigma_rels))],
         }
 
@@ -706,25 +1042,46 @@ class PostHocEMA:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the state saved by :meth:`state_dict`, bit for bit.
 
+        The saved sigma_rels are matched to this tracker's by value (to 6
+        significant digits), in any order. This tracker may track sigma_rels the
+        state does not hold: each such EMA starts from the model's current
+        weights at the restored step, and its snapshots record that step as
+        ``start_step``. Synthesis leaves such snapshots out, as their profile is
+        not a power function from step 0 (see :func:`posthoc_ema.plan`).
+
         Snapshots already in ``snapshot_dir`` are kept; the ones after the
         restored step come from the interrupted run and are replaced as training
         reaches their step again.
 
         Raises:
-            ValueError: if the state is not a tracker state, or its sigma_rels,
-                tensor names or shapes differ from this tracker's.
+            ValueError: if the state is not a tracker state, holds a sigma_rel this
+                tracker does not track, or its tensor names or shapes differ from
+                this tracker's.
+
+        Example:
+            >>> model = torch.nn.Linear(2, 1)
+            >>> old = PostHocEMA(model, sigma_rels=(0.05, 0.10))
+            >>> old.update()
+            >>> new = PostHocEMA(model, sigma_rels=(0.10, 0.05, 0.15))  # 0.15 starts now
+            >>> new.load_state_dict(old.state_dict())
+            >>> new.step
+            1
         """
         if state_dict.get("format") != STATE_FORMAT:
             raise ValueError("not a PostHocEMA state_dict (its 'format' entry is missing or different)")
         if state_dict["version"] > STATE_VERSION:
             raise ValueError(f"state_dict version {state_dict['version']} is newer than this posthoc-ema reads")
-        theirs = tuple(float(s) for s in state_dict["sigma_rels"])
-        same = len(theirs) == len(self.sigma_rels) and all(
-            profiles.same_sigma_rel(a, b) for a, b in zip(theirs, self.sigma_rels, strict=True)
-        )
-        if not same:
-            raise ValueError(f"the state_dict tracks sigma_rels {theirs}, this PostHocEMA tracks {self.sigma_rels}")
-        for index, saved in enumerate(state_dict["emas"]):
+        theirs = [float(s) for s in state_dict["sigma_rels"]]
+        unknown = [s for s in theirs if not any(profiles.same_sigma_rel(s, m) for m in self.sigma_rels)]
+        if unknown:
+            raise ValueError(
+                f"the state_dict tracks sigma_rel={unknown[0]!r}, which this PostHocEMA does not "
+                f"(it tracks {', '.join(map(repr, self.sigma_rels))}); create it with every saved sigma_rel"
+            )
+        saved_of: dict[int, int] = {}  # this tracker's index -> the state's index
+        for j, s in enumerate(theirs):
+            saved_of[next(i for i, m in enumerate(self.sigma_rels) if profiles.same_sigma_rel(s, m))] = j
+        for saved in state_dict["emas"]:
             missing = [k for k in self._keys if k not in saved]
             unexpected = [k for k in saved if k not in self._sources]
             if missing or unexpected:
@@ -732,14 +1089,25 @@ class PostHocEMA:
                     f"the state_dict's tensor names differ: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                     f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
                 )
-            for key, value in self._ema_items(index):
+            for key, value in self._ema_items(0):
                 if saved[key].shape != value.shape:
                     raise ValueError(
                         f"the state_dict's {key!r} has shape {tuple(saved[key].shape)}, expected {tuple(value.shape)}"
                     )
-        for index, saved in enumerate(state_dict["emas"]):
-            for key, value in self._ema_items(index):
-                value.copy_(saved[key])
+        self._check_sources()  # the added EMAs copy the model's tensors as they are now
+        saved_starts = state_dict.get("start_steps", [0] * len(theirs))
+        ema_step = int(state_dict["ema_step"])
+        for index in range(len(self.sigma_rels)):
+            if index in saved_of:
+                saved = state_dict["emas"][saved_of[index]]
+                for key, value in self._ema_items(index):
+                    value.copy_(saved[key])
+                self._start_steps[index] = int(saved_starts[saved_of[index]])
+            else:  # a copy of the floating tensors; the copied integer buffers are shared by all EMAs
+                for group in self._groups:
+                    torch._foreach_copy_(group.emas[index], group.sources)
+                self._start_steps[index] = ema_step
+                log.info("sigma_rel=%r is new in this run: its EMA starts at step %d", self.sigma_rels[index], ema_step)
         self.step = int(state_dict["step"])
         self._ema_step = int(state_dict["ema_step"])
         self._calls = int(state_dict["calls"])

@@ -25,7 +25,7 @@ import posthoc_ema.files as snapshots_module
 import posthoc_ema.synthesis as synthesize_module
 from posthoc_ema import cli, sigma_rel_to_gamma
 from posthoc_ema._version import __version__
-from posthoc_ema.snapshots import SnapshotInfo, list_snapshots, snapshot_name, write_atomic
+from posthoc_ema.snapshots import SnapshotInfo, list_snapshots, read_info, snapshot_name, write_atomic
 from posthoc_ema.synthesis import plan, synthesize, synthesize_many
 
 LAST, MID, EVERY = 600, 300, 50
@@ -452,7 +452,7 @@ def test_info_json(run_dir: Path) -> None:
         "dtypes": {"float32": 24},
         "update_every": {"1": 24},
         "library_versions": {__version__: 24},
-        "runs": {},
+        "runs": {run: 24 for run in {i.run_id for i in list_snapshots(run_dir)}},
         "tensors": 7,
         "parameters": n_values,
         "files": [
@@ -462,7 +462,7 @@ def test_info_json(run_dir: Path) -> None:
                 "sigma_rel": i.sigma_rel,
                 "dtype": "float32",
                 "size": i.path.stat().st_size,
-                "run": None,
+                "run": i.run_id,
             }
             for i in list_snapshots(run_dir)
         ],
@@ -605,6 +605,11 @@ def test_info_says_a_folder_mixes_runs(copy_of_run: Path) -> None:
             run_id=run_id,
         )
         write_atomic(info.path, tensors, info.metadata())
+    for path in copy_of_run.glob("*.safetensors"):  # the run's own files, as if from an older version
+        if (info := read_info(path)) is not None and info.step <= LAST:
+            older = dict(info.metadata())
+            del older["run_id"]
+            write_atomic(path, read(path)[0], older)
     summary = json.loads(invoke("info", copy_of_run, "--json")[0])
     assert summary["runs"] == {"run-a": 1, "run-b": 2}
     assert "mixes 2 runs: run-a (1), run-b (2)" in summary["oddities"]

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from posthoc_ema import PostHocEMA, SnapshotError, solve_coefficients
 from posthoc_ema._version import __version__
+from posthoc_ema.files import write_atomic
 from posthoc_ema.snapshots import snapshot_name
 from posthoc_ema.synthesis import (
     ERROR_WARNING_THRESHOLD,
@@ -449,7 +450,8 @@ def test_two_runs_mixed(small: Path) -> None:
 def test_other_files_are_ignored(small: Path, tmp_path: Path) -> None:
     before = synthesize(small, 0.07)
     p = plan(small, [0.07])
-    save(small / "ema-0.07.safetensors", before, p, 0)  # a synthesized output next to its snapshots
+    # A synthesized output next to its snapshots (save() refuses to put it there; write it directly).
+    write_atomic(small / "ema-0.07.safetensors", before, p.metadata(0))
     save_file({"w": torch.ones(5)}, small / "model.safetensors")
     (small / (snapshot_name(400, 0.1) + ".tmp")).write_bytes(b"half a file")
     (small / "README").write_text("snapshots")

@@ -488,7 +488,7 @@ def test_replaced_buffers_are_reported(tmp_path, make_tracker):
     tracker.update()
     model.to(torch.float64)  # creates new buffer tensors the tracker does not hold
     with pytest.raises(
-        RuntimeError, match=r"replaced since the tracker was created.*create PostHocEMA after moving the model"
+        RuntimeError, match=r"'lin.weight' moved from cpu torch.float32 to cpu torch.float64.*\(model.to\(\)"
     ):
         tracker.snapshot()
 
@@ -521,7 +521,7 @@ def test_bad_constructor_arguments(kwargs, message):
 def test_non_increasing_step():
     tracker = PostHocEMA(Net(), 0.1)
     tracker.update(step=5)
-    for step, shown in [(5, "5"), (3, "3"), (6.0, r"6\.0"), (0, "0")]:
+    for step, shown in [(5, "5"), (3, "3"), (0, "0")]:
         with pytest.raises(ValueError, match=rf"step={shown} must be an integer greater than the previous step 5"):
             tracker.update(step=step)
     assert tracker.step == 5
@@ -619,9 +619,11 @@ def test_resume_is_bit_for_bit(tmp_path, make_tracker, update_every, stop):
 
 def test_load_state_dict_with_other_sigma_rels():
     state = trained_tracker(Net(), (0.05, 0.10)).state_dict()
-    with pytest.raises(ValueError, match=r"tracks sigma_rels \(0\.05, 0\.1\), this PostHocEMA tracks \(0\.05, 0\.2\)"):
+    with pytest.raises(
+        ValueError, match=r"tracks sigma_rel=0\.1, which this PostHocEMA does not \(it tracks 0\.05, 0\.2\)"
+    ):
         PostHocEMA(Net(), (0.05, 0.20)).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"tracks sigma_rels \(0\.05, 0\.1\), this PostHocEMA tracks \(0\.05,\)"):
+    with pytest.raises(ValueError, match=r"tracks sigma_rel=0\.1, which this PostHocEMA does not \(it tracks 0\.05\)"):
         PostHocEMA(Net(), 0.05).load_state_dict(state)
 
 
