@@ -571,8 +571,9 @@ class PostHocEMA:
         if self.existing == "error":
             runs = len({info.run_id for info in theirs})
             whose = "another training run" if runs == 1 else f"{runs} other training runs"
+            files = f"{len(theirs)} snapshot{'s' if len(theirs) > 1 else ''}"
             raise SnapshotError(
-                f"{self.snapshot_dir} holds {len(theirs)} snapshot{'s' if len(theirs) > 1 else ''} of {whose} (e.g. {theirs[0].path.name}): "
+                f"{self.snapshot_dir} holds {files} of {whose} (e.g. {theirs[0].path.name}): "
                 "to resume that run, call load_state_dict() with its state before "
                 "the first snapshot; otherwise choose another snapshot_dir, or pass existing='overwrite' to delete them"
             )
