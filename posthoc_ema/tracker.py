@@ -906,8 +906,9 @@ class PostHocEMA:
         if self.existing == "error":
             runs = len({info.run_id for info in theirs})
             whose = "another training run" if runs == 1 else f"{runs} other training runs"
+            files = f"{len(theirs)} snapshot{'s' if len(theirs) > 1 else ''}"
             raise SnapshotError(
-                f"{self.snapshot_dir} holds {len(theirs)} snapshots of {whose} (e.g. {theirs[0].path.name}): "
+                f"{self.snapshot_dir} holds {files} of {whose} (e.g. {theirs[0].path.name}): "
                 "to resume that run, call load_state_dict() with its state before "
                 "the first snapshot; otherwise choose another snapshot_dir, or pass existing='overwrite' to delete them"
             )
@@ -991,10 +992,14 @@ class PostHocEMA:
         state = self.__dict__.copy()
         for key in ("_writer", "_lock", "_finalizer", "_buffers", "_folder_checked"):
             state.pop(key, None)
+        if "_slot" in state:  # keyed by id(), which a copy changes: key it by name
+            state["_slot"] = {k: self._slot[id(self._sources[k])] for k in self._keys}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         legacy, warned = state.pop("_legacy_resume", False), state.pop("_warned_wide", set())
+        if "_slot" in state:
+            state["_slot"] = {id(state["_sources"][k]): slot for k, slot in state["_slot"].items()}
         self.__dict__.update(state)
         self._init_writing()
         self._legacy_resume, self._warned_wide = legacy, warned

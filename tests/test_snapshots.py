@@ -10,6 +10,7 @@ import os
 import random
 import re
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from posthoc_ema import SnapshotError, SnapshotWriteError, files, list_snapshots
+from posthoc_ema import SnapshotError, SnapshotWriteError, files, list_snapshots, synthesize
 from posthoc_ema.snapshots import read_info, write_atomic
 
 METADATA_KEYS = {
@@ -406,3 +407,47 @@ def test_snapshots_survive_sigkill(tmp_path):
         assert proc.returncode == -signal.SIGKILL
         rounds += 1
         check_folder_after_crash(folder)
+
+
+# -- float16 range and the write handle ---------------------------------------------------------
+
+
+def test_float16_snapshots_keep_values_beyond_its_range(tmp_path, make_tracker, caplog):
+    # A BatchNorm whose running_var is about 8e5, beyond float16's 65504.
+    model = Net()
+    with torch.no_grad():
+        model.norm.running_var.fill_(8e5)
+    tracker = make_tracker(model, (0.05, 0.10), snapshot_dir=tmp_path, snapshot_every=5, snapshot_dtype="float16")
+    with caplog.at_level("WARNING", logger="posthoc_ema.tracker"):
+        for call in range(1, 21):
+            with torch.no_grad():
+                model.norm.running_var.fill_(8e5 + 1000 * call)
+                model.lin.weight.fill_(0.01 * call)
+            tracker.update()
+        tracker.flush()
+    warnings = [r.getMessage() for r in caplog.records if "float16" in r.getMessage()]
+    assert len(warnings) == 1 and "norm.running_var" in warnings[0] and "lin.weight" not in warnings[0]
+    info = list_snapshots(tmp_path)[-1]
+    assert info.tensors["norm.running_var"][0] == "F32" and info.tensors["lin.weight"][0] == "F16"
+    ema = synthesize(tmp_path, 0.05)
+    reference = tracker.ema_state_dict(0.05)
+    assert torch.isfinite(ema["norm.running_var"]).all()
+    torch.testing.assert_close(ema["norm.running_var"], reference["norm.running_var"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(ema["lin.weight"], reference["lin.weight"], rtol=2e-3, atol=0)
+
+
+def test_the_handle_that_wrote_is_fsynced(tmp_path, monkeypatch):
+    # Windows cannot fsync a read-only handle: every file fsynced must be open for writing.
+    fcntl = pytest.importorskip("fcntl")
+    real, modes = os.fsync, []
+
+    def fsync(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            modes.append(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_atomic(tmp_path / "a.safetensors", {"w": torch.ones(3)}, {"k": "v"})
+    with files.atomic_path(tmp_path / "b.txt") as tmp:  # a writer that closes its own handle
+        tmp.write_text("b")
+    assert len(modes) == 2 and os.O_RDONLY not in modes
