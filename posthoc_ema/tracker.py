@@ -131,7 +131,7 @@ _HOOKS: list[Any] = []
 def _on_assign(module: torch.nn.Module, name: str, value: Any) -> None:
     watchers = _WATCHERS.get(id(module))
     if watchers:
-        for tracker in watchers:
+        for tracker in list(watchers):
             tracker._assigned.append((id(module), name))
 
 
@@ -380,7 +380,7 @@ class PostHocEMA:
                 self._by_home[(id(module), name)] = record
         self._home_modules = {id(module) for r in self._tracked for module, _ in r.homes}
         self._assigned: list[tuple[int, str]] = []  # (id(module), name) assigned since the last update
-        self._model_arg: weakref.ref[torch.nn.Module] | None = None  # the last module update() accepted
+        self._model_arg: torch.nn.Module | None = None  # the last module update() accepted
         _watch(self, (module for r in self._tracked for module, _ in r.homes))
         # What a snapshot copies: every floating entry into one flat buffer (one
         # foreach copy), the few others one by one.
@@ -389,6 +389,15 @@ class PostHocEMA:
         self._floating_numels = [self._sources[k].numel() for k in self._floating_keys]
         self._spare: list[torch.Tensor] = []  # staging buffers the writer is done with
         self._flatten()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy (copy.deepcopy, pickle) holds copies of the modules and tensors: map
+        # their new identities and watch them, so the copy follows assignments too.
+        self.__dict__.update(state)
+        self._slot = {id(r.holder.sources[r.index]): (r.holder, r.index) for r in self._tracked}
+        self._by_home = {(id(module), name): r for r in self._tracked for module, name in r.homes}
+        self._home_modules = {id(module) for r in self._tracked for module, _ in r.homes}
+        _watch(self, (module for r in self._tracked for module, _ in r.homes))
 
     def _flatten(self) -> None:
         self._flat_emas = [
@@ -497,7 +506,7 @@ class PostHocEMA:
             self._write_snapshots()
 
     def _check_model_arg(self, model: torch.nn.Module) -> None:
-        if self._model_arg is not None and self._model_arg() is model:
+        if model is self._model_arg:
             return
         inside = {id(m) for m in model.modules()}
         if not self._home_modules <= inside:
@@ -505,7 +514,7 @@ class PostHocEMA:
                 f"update() was given a {type(model).__name__} that does not hold the tracked tensors; pass the "
                 "model this PostHocEMA was created for (or call update() without it)"
             )
-        self._model_arg = weakref.ref(model)
+        self._model_arg = model
 
     def _snapshot_due(self) -> bool:
         every = self.snapshot_every
