@@ -443,10 +443,15 @@ class PostHocEMA:
                 )
             problem = _difference(old, new)
             if problem is not None:
+                hint = (
+                    "load weights of the tracked shapes"
+                    if problem.startswith("shape")
+                    else "create PostHocEMA after model.to(...), or load weights with load_state_dict(sd) "
+                    "without assign=True, which keeps the model's dtype and device"
+                )
                 raise ModelChangedError(
                     f"the model's tensor {key!r} was replaced by one with {problem}; the EMA can follow a "
-                    "replaced tensor only if it keeps its shape, dtype and device (create PostHocEMA after "
-                    "model.to(...), or load weights with load_state_dict(sd) without assign=True)"
+                    f"replaced tensor only if it keeps its shape, dtype and device ({hint})"
                 )
             record.holder.sources[record.index] = new
             for position, (module, name) in zip(record.positions, record.homes, strict=True):
