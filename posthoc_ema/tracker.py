@@ -135,7 +135,7 @@ _HOOKS: list[Any] = []
 def _on_assign(module: torch.nn.Module, name: str, value: Any) -> None:
     watchers = _WATCHERS.get(id(module))
     if watchers:
-        for tracker in watchers:
+        for tracker in list(watchers):
             tracker._assigned.append((id(module), name))
 
 
@@ -185,6 +185,7 @@ class _Tracked:
     homes: list[tuple[torch.nn.Module, str]]  # (module, attribute name); several when tied
     holder: _Group | _Copied
     index: int
+    positions: list[int] = field(default_factory=list)  # its entries in the tracker's home lists
 
 
 def _staging_for(group: _Group, ema_device: torch.device, ema_dtype: torch.dtype) -> None:
@@ -411,16 +412,39 @@ class PostHocEMA:
             self._tracked.append(record)
             for module, name in record.homes:
                 self._by_home[(id(module), name)] = record
-        self._home_modules = {id(module) for r in self._tracked for module, _ in r.homes}
         self._assigned: list[tuple[int, str]] = []  # (id(module), name) assigned since the last update
-        self._model_arg: weakref.ref[torch.nn.Module] | None = None  # the last module update() accepted
-        _watch(self, (module for r in self._tracked for module, _ in r.homes))
+        self._model_arg: torch.nn.Module | None = None  # the last module update() accepted
+        self._index_homes()
         # What a snapshot copies: every floating entry into one flat buffer (one
         # foreach copy), the few others one by one.
         self._floating_keys = [k for k in self._keys if self._sources[k].is_floating_point()]
         self._other_keys = [k for k in self._keys if not self._sources[k].is_floating_point()]
         self._floating_numels = [self._sources[k].numel() for k in self._floating_keys]
         self._flatten()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy (copy.deepcopy, pickle) holds copies of the modules and tensors: map
+        # their new identities and watch them, so the copy follows assignments too.
+        self.__dict__.update(state)
+        self._slot = {id(r.holder.sources[r.index]): (r.holder, r.index) for r in self._tracked}
+        self._index_homes()
+
+    def _index_homes(self) -> None:
+        """Look-ups of where the model holds each tracked tensor, and the hooks that watch them."""
+        self._by_home = {(id(module), name): r for r in self._tracked for module, name in r.homes}
+        self._home_modules = {id(module) for r in self._tracked for module, _ in r.homes}
+        # Parallel lists for the check at snapshots: one pass of C-level map() calls.
+        self._home_dicts: list[dict[str, Any]] = []
+        self._home_names: list[str] = []
+        self._home_expected: list[torch.Tensor] = []
+        for record in self._tracked:
+            record.positions = []
+            for module, name in record.homes:
+                record.positions.append(len(self._home_names))
+                self._home_dicts.append(module._parameters if name in module._parameters else module._buffers)
+                self._home_names.append(name)
+                self._home_expected.append(record.holder.sources[record.index])
+        _watch(self, (module for r in self._tracked for module, _ in r.homes))
 
     def _flatten(self) -> None:
         self._flat_emas = [
@@ -451,12 +475,20 @@ class PostHocEMA:
                 )
             problem = _difference(old, new)
             if problem is not None:
+                hint = (
+                    "load weights of the tracked shapes"
+                    if problem.startswith("shape")
+                    else "create PostHocEMA after model.to(...), or load weights with load_state_dict(sd) "
+                    "without assign=True, which keeps the model's dtype and device"
+                )
                 raise ModelChangedError(
                     f"the model's tensor {key!r} was replaced by one with {problem}; the EMA can follow a "
-                    "replaced tensor only if it keeps its shape, dtype and device (create PostHocEMA after "
-                    "model.to(...), or load weights with load_state_dict(sd) without assign=True)"
+                    f"replaced tensor only if it keeps its shape, dtype and device ({hint})"
                 )
             record.holder.sources[record.index] = new
+            for position, (module, name) in zip(record.positions, record.homes, strict=True):
+                self._home_expected[position] = new
+                self._home_dicts[position] = module._parameters if name in module._parameters else module._buffers
             del self._slot[id(old)]
             self._slot[id(new)] = (record.holder, record.index)
             for k in record.keys:
@@ -533,7 +565,7 @@ class PostHocEMA:
             self._writer.check()
 
     def _check_model_arg(self, model: torch.nn.Module) -> None:
-        if self._model_arg is not None and self._model_arg() is model:
+        if model is self._model_arg:
             return
         inside = {id(m) for m in model.modules()}
         if not self._home_modules <= inside:
@@ -541,7 +573,7 @@ class PostHocEMA:
                 f"update() was given a {type(model).__name__} that does not hold the tracked tensors; pass the "
                 "model this PostHocEMA was created for (or call update() without it)"
             )
-        self._model_arg = weakref.ref(model)
+        self._model_arg = model
 
     def _snapshot_due(self) -> bool:
         every = self.snapshot_every
@@ -551,7 +583,7 @@ class PostHocEMA:
         for group in self._groups:
             sentinel = group.sources[group.sentinel]
             if sentinel.device != group.src_device or sentinel.dtype != group.src_dtype:
-                self._check_sources()  # raises, naming the tensor
+                self._check_moves()  # raises, naming the tensor
         step, prev = self.step, self._ema_step
         # EDM2 eq. 127 in Python floats: no tensor is read on the host, so no sync.
         weights = [1.0 - (prev / step) ** (g + 1) for g in self.gammas]
@@ -568,6 +600,7 @@ class PostHocEMA:
             if self._copied.sources:
                 torch._foreach_copy_(self._copied.values, self._copied.sources)
         except RuntimeError as err:
+            self._check_moves()  # a clearer error, if that is the cause
             raise RuntimeError(
                 f"could not update the EMAs ({err}); if the model was moved to another device or dtype "
                 "after PostHocEMA was created, create it after model.to(...)"
@@ -735,8 +768,16 @@ class PostHocEMA:
     # -- snapshots ------------------------------------------------------------
 
     def _check_sources(self) -> None:
-        """Check every tracked tensor (slow: per tensor); follow replaced ones, raise for moved ones."""
-        # Moves first: model.to() changes parameters in place and replaces buffers.
+        """Check that the model still holds every tracked tensor; follow replaced ones, raise for the others."""
+        seen = len(self._assigned)
+        held = map(dict.get, self._home_dicts, self._home_names)
+        if any(map(operator.is_not, held, self._home_expected)):
+            self._check_moves()  # first: model.to() changes parameters in place and replaces buffers
+            self._follow(self._tracked)
+        del self._assigned[:seen]
+
+    def _check_moves(self) -> None:
+        """Raise, naming it, if a tracked tensor's device or dtype changed in place (model.to())."""
         for group in self._groups:
             for t in group.sources:
                 if t.device != group.src_device or t.dtype != group.src_dtype:
@@ -746,9 +787,6 @@ class PostHocEMA:
                         f"{t.device} {t.dtype} since PostHocEMA was created (model.to() or an assignment to "
                         "its .data); create PostHocEMA after moving the model"
                     )
-        seen = len(self._assigned)
-        self._follow(self._tracked)
-        del self._assigned[:seen]
 
     def snapshot(self) -> list[Path]:
         """Write a snapshot of every EMA now, in the background.

@@ -6,7 +6,9 @@ The EMA references are the float64 recursion of EDM2 eq. 127 written out here,
 
 from __future__ import annotations
 
+import copy
 import logging
+import pickle
 import threading
 from collections.abc import Sequence
 
@@ -180,6 +182,21 @@ def test_the_tracker_does_not_slow_assignments_to_other_modules():
     assert len(emas._assigned) == 1
     emas.update()
     assert emas._assigned == []
+
+
+def test_a_copied_tracker_follows_its_copy_of_the_model():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2, dtype=torch.float64))
+    emas = PostHocEMA(model, 0.1, snapshot_every=None)
+    emas.update()
+    first = model[0].weight.detach().numpy().copy()
+    for twin in (copy.deepcopy(emas), pickle.loads(pickle.dumps(emas))):
+        copied_model = twin._tracked[0].homes[0][0]
+        assert copied_model is not model[0]
+        copied_model.weight = torch.nn.Parameter(torch.full((2, 2), 5.0, dtype=torch.float64))
+        twin.update()
+        expected = power_ema([first, np.full((2, 2), 5.0)], [1, 2], gamma_of(0.1))
+        np.testing.assert_allclose(twin.ema_state_dict(0.1)["0.weight"].numpy(), expected, rtol=1e-12)
+    np.testing.assert_array_equal(emas.ema_state_dict(0.1)["0.weight"].numpy(), first)
 
 
 # -- 2. sigma_rel identity -------------------------------------------------------------------
