@@ -155,8 +155,9 @@ def read_info(path: str | os.PathLike[str]) -> SnapshotInfo | None:
 def list_snapshots(snapshot_dir: str | os.PathLike[str]) -> list[SnapshotInfo]:
     """Every snapshot in a folder, sorted by (step, sigma_rel).
 
-    Files other than ``*.safetensors``, temporary files and safetensors files that
-    are not snapshots are ignored.
+    Files other than ``*.safetensors``, temporary files, safetensors files that
+    are not snapshots and anything that is not a regular file (a FIFO, a folder)
+    are ignored.
 
     Raises:
         SnapshotError: if the folder does not exist, or a snapshot is corrupt.
@@ -164,5 +165,6 @@ def list_snapshots(snapshot_dir: str | os.PathLike[str]) -> list[SnapshotInfo]:
     folder = Path(snapshot_dir)
     if not folder.is_dir():
         raise SnapshotError(f"{folder}: no such snapshot folder")
-    infos = [info for p in sorted(folder.glob(f"*{SUFFIX}")) if (info := read_info(p)) is not None]
+    # Only regular files: reading a FIFO named *.safetensors would block.
+    infos = [info for p in sorted(folder.glob(f"*{SUFFIX}")) if p.is_file() and (info := read_info(p)) is not None]
     return sorted(infos, key=lambda i: (i.step, i.sigma_rel))

@@ -268,7 +268,7 @@ def test_cli_plot_warns_about_a_poor_target(mpl: None, run_dir: Path, tmp_path: 
         ([], 2, "give either --sigma-rel or --error-curve"),
         (["-s", "0.1", "--error-curve", "0.05:0.1:0.01"], 2, "give either --sigma-rel or --error-curve"),
         (["--error-curve", "0.05:0.1"], 2, "is not a number or a range START:STOP:STEP"),
-        (["-s", "0.4"], 1, "error: sigma_rel=0.4 is outside (0, 0.2887)"),
+        (["-s", "0.4"], 1, "error: sigma_rel=0.4 is outside (0, 0.28867513459481287)"),
         (["-s", "0.1", "-o", "FOLDER/p.xyz"], 1, "error: Format 'xyz' is not supported"),
     ],
 )
