@@ -55,6 +55,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help: rich's option tables squeeze each help text into a few columns at 80.
+    rich_markup_mode=None,
 )
 
 #: Most targets one --sigma-rel range may expand to; more is surely a typo.
@@ -325,7 +327,9 @@ CkptDir = Annotated[
 ]
 Step = Annotated[
     int | None,
-    typer.Option(min=1, help="Snapshot step to reconstruct at. Default: the latest.", show_default=False),
+    typer.Option(
+        min=1, metavar="STEP", help="Snapshot step to reconstruct at. Default: the latest.", show_default=False
+    ),
 ]
 SigmaRels = Annotated[
     list[str],
@@ -355,7 +359,7 @@ def _root(
     """Choose your EMA after training: synthesize power-function EMAs (EDM2) from snapshots."""
 
 
-@app.command()
+@app.command(short_help="Write the EMA of each target sigma_rel.")
 def synthesize(
     ckpt_dir: CkptDir,
     sigma_rel: SigmaRels,
@@ -442,7 +446,7 @@ def _print_info(summary: dict[str, Any]) -> None:
         typer.echo(f"  - {line}")
 
 
-@app.command()
+@app.command(short_help="Summarize a snapshot folder, oddities included.")
 def info(
     ckpt_dir: CkptDir,
     as_json: Annotated[
@@ -496,7 +500,7 @@ def _plot_or_say(draw: Any, *args: Any) -> bool:
     return True
 
 
-@app.command("sweep")
+@app.command("sweep", short_help="Evaluate many targets with a command; keep the best.")
 def sweep_command(
     ckpt_dir: CkptDir,
     sigma_rel: SigmaRels,
@@ -536,7 +540,9 @@ def sweep_command(
     step: Step = None,
     timeout: Annotated[
         float | None,
-        typer.Option(help="Seconds each evaluation may take (it is killed after).", show_default=False),
+        typer.Option(
+            metavar="SECONDS", help="Seconds each evaluation may take (it is killed after).", show_default=False
+        ),
     ] = None,
     keep_weights: Annotated[
         bool,
@@ -594,7 +600,7 @@ def sweep_command(
         raise typer.Exit(1)
 
 
-@app.command("plot")
+@app.command("plot", short_help="Draw a reconstructed profile or the error curve.")
 def plot_command(
     ckpt_dir: CkptDir,
     sigma_rel: Annotated[
