@@ -21,12 +21,14 @@ import decimal
 import enum
 import json
 import math
+import os
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 
 from posthoc_ema._version import __version__
@@ -53,6 +55,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help: rich's option tables squeeze each help text into a few columns at 80.
+    rich_markup_mode=None,
 )
 
 #: Most targets one --sigma-rel range may expand to; more is surely a typo.
@@ -154,9 +158,13 @@ def _shown_warnings() -> Iterator[None]:
             warnings.simplefilter("always", PoorReconstructionWarning)
             yield
     finally:
+        shown: set[str] = set()
         for w in caught:
             if issubclass(w.category, PoorReconstructionWarning):
-                typer.secho(f"warning: {_one_line(Exception(w.message))}", fg="yellow", err=True)
+                line = f"warning: {_one_line(Exception(w.message))}"
+                if line not in shown:  # a command may plan the same targets twice (a check, then the work)
+                    shown.add(line)
+                    typer.secho(line, fg="yellow", err=True)
             else:  # not ours to format: hand it back to the warnings machinery
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
@@ -246,15 +254,74 @@ def _print_coefficients(the_plan: Plan) -> None:
 
 
 def _default_name(sigma_rel: float, step: int) -> str:
-    return f"ema-{sigma_rel!r}-{step}{SUFFIX}"
+    return f"ema-{float(sigma_rel)!r}-{int(step)}{SUFFIX}"
 
 
-def _output_paths(output: Path | None, the_plan: Plan) -> list[Path]:
+def _output_paths(output: str | None, the_plan: Plan) -> list[Path]:
+    """Where ``synthesize`` writes: ``-o`` names a file for one target, unless it is a folder or ends with ``/``."""
     names = [_default_name(s, the_plan.step) for s in the_plan.sigma_rels]
-    if len(names) == 1 and (output is None or not output.is_dir()):
-        return [output if output is not None else Path(names[0])]
-    folder = output if output is not None else Path(".")
+    as_folder = output is not None and (output.endswith(("/", os.sep)) or Path(output).is_dir())
+    if len(names) == 1 and not as_folder:
+        return [Path(output) if output is not None else Path(names[0])]
+    folder = Path(output) if output is not None else Path(".")
     return [folder / name for name in names]
+
+
+def _check_outputs(paths: Sequence[Path], ckpt_dir: Path, *, force: bool) -> None:
+    """Refuse, before any work, outputs in the snapshot folder and existing files (unless ``force``)."""
+    snapshot_folder = ckpt_dir.resolve()
+    for path in paths:
+        if path.parent.resolve() == snapshot_folder:
+            raise ValueError(f"{path} is in the snapshot folder {ckpt_dir}; write synthesized files elsewhere")
+    existing = [p for p in paths if p.exists() or p.is_symlink()]
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise ValueError(f"{existing[0]} exists{more}; pass --force to replace it")
+    for path in existing:
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; it cannot be replaced by a file")
+
+
+@contextlib.contextmanager
+def _folders_made() -> Iterator[Callable[[Path], None]]:
+    """A ``make(folder)`` that creates folders as needed, and removes the ones it created if the block fails."""
+    created: list[Path] = []
+
+    def make(folder: Path) -> None:
+        missing = [f for f in [folder, *folder.parents] if not f.exists()]
+        folder.mkdir(parents=True, exist_ok=True)
+        created.extend(missing)  # deepest first
+
+    try:
+        yield make
+    except BaseException:
+        for folder in created:
+            with contextlib.suppress(OSError):  # not empty: something was written there after all
+                folder.rmdir()
+        raise
+
+
+def _check_device(device: Device) -> None:
+    """Refuse ``--device cuda`` without a CUDA device, before any work."""
+    if device is Device.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available to PyTorch")
+
+
+def _checked_plan(ckpt_dir: Path, targets: float | Sequence[float], step: int | None) -> Plan:
+    """:func:`plan`, refusing targets too narrow to compute in float64 (NumPy's warnings kept inside)."""
+    with np.errstate(all="ignore"):
+        the_plan = plan(ckpt_dir, targets, step=step)
+    bad = [j for j, e in enumerate(the_plan.errors) if not math.isfinite(float(e))]
+    if bad:
+        sigma_rel, gamma = float(the_plan.sigma_rels[bad[0]]), float(the_plan.gammas[bad[0]])
+        raise ValueError(
+            f"sigma_rel={sigma_rel!r} is too small: its profile (gamma={gamma:.3g}) overflows float64 "
+            "arithmetic, so its error cannot be predicted; choose a larger sigma_rel"
+        )
+    return the_plan
 
 
 # -- commands ---------------------------------------------------------------------
@@ -264,7 +331,9 @@ CkptDir = Annotated[
 ]
 Step = Annotated[
     int | None,
-    typer.Option(min=1, help="Snapshot step to reconstruct at. Default: the latest.", show_default=False),
+    typer.Option(
+        min=1, metavar="STEP", help="Snapshot step to reconstruct at. Default: the latest.", show_default=False
+    ),
 ]
 SigmaRels = Annotated[
     list[str],
@@ -294,23 +363,25 @@ def _root(
     """Choose your EMA after training: synthesize power-function EMAs (EDM2) from snapshots."""
 
 
-@app.command()
+@app.command(short_help="Write the EMA of each target sigma_rel.")
 def synthesize(
     ckpt_dir: CkptDir,
     sigma_rel: SigmaRels,
     output: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--output",
             "-o",
             metavar="PATH",
-            help="Output file (one target) or folder (several targets). Default: ema-SIGMA-STEP.safetensors, here.",
+            help="Output file (one target), or folder (several targets, or a path ending in /). "
+            "Default: ema-SIGMA-STEP.safetensors, here.",
             show_default=False,
         ),
     ] = None,
     step: Step = None,
     device: Annotated[Device, typer.Option(help="Where to accumulate.")] = Device.cpu,
     dtype: Annotated[OutputDtype, typer.Option(help="Dtype of the floating tensors written.")] = OutputDtype.float32,
+    force: Annotated[bool, typer.Option("--force", help="Replace output files that exist.")] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan and the coefficients; read and write no tensors.")
     ] = False,
@@ -319,33 +390,35 @@ def synthesize(
 
     The quality report (predicted error of each reconstructed profile, ...) is
     always printed; a warning line marks targets the snapshots reproduce poorly.
+    Existing files are not replaced unless --force is given, and nothing is
+    written into the snapshot folder.
     """
     targets: list[float] = sigma_rel  # type: ignore[assignment]  # converted by the callback
-    if len(targets) > 1 and output is not None and output.exists() and not output.is_dir():
+    if len(targets) > 1 and output is not None and Path(output).exists() and not Path(output).is_dir():
         raise typer.BadParameter(
             f"{output} is a file; with {len(targets)} targets -o must be a folder (one file per target)",
             param_hint="'-o' / '--output'",
         )
     with _library_errors():
-        if device is Device.cuda:
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError("--device cuda: no CUDA device is available to PyTorch")
+        _check_device(device)
         with _shown_warnings():
-            the_plan = plan(ckpt_dir, targets, step=step)
+            the_plan = _checked_plan(ckpt_dir, targets, step)
             _print_report(the_plan)
         if dry_run:
             _print_coefficients(the_plan)
             return
         paths = _output_paths(output, the_plan)
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        _check_outputs(paths, ckpt_dir, force=force)
         with _progress_bar("synthesizing") as progress:
             state_dicts = run(the_plan, device=device.value, dtype=dtype.value, progress=progress)
-        for index, (target, path) in enumerate(zip(the_plan.sigma_rels, paths, strict=True)):
-            save(path, state_dicts[target], the_plan, index)
-            typer.echo(f"wrote {path}")
+        with _folders_made() as make:
+            for index, (target, path) in enumerate(zip(the_plan.sigma_rels, paths, strict=True)):
+                make(path.parent)
+                try:
+                    save(path, state_dicts[target], the_plan, index, overwrite=force)
+                except OSError as err:  # name the file asked for, not its temporary name
+                    raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+                typer.echo(f"wrote {path}")
 
 
 def _print_info(summary: dict[str, Any]) -> None:
@@ -377,18 +450,29 @@ def _print_info(summary: dict[str, Any]) -> None:
         typer.echo(f"  - {line}")
 
 
-@app.command()
+@app.command(short_help="Summarize a snapshot folder, oddities included.")
 def info(
     ckpt_dir: CkptDir,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of text.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON object (with a 'files' list) instead of text.")
+    ] = False,
+    list_files: Annotated[bool, typer.Option("--files", help="Also list every snapshot file.")] = False,
 ) -> None:
     """Summarize a snapshot folder: steps, sigma_rels, size, dtypes, and anything odd."""
     with _library_errors():
         summary = describe(ckpt_dir)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
-    else:
-        _print_info(summary)
+        return
+    _print_info(summary)
+    if list_files:
+        typer.echo("")
+        rows = (
+            [f["file"], str(f["step"]), _fmt(f["sigma_rel"]), f["dtype"], _size(f["size"]), f["run"] or "-"]
+            for f in summary["files"]
+        )
+        for line in _table(["file", "step", "sigma_rel", "dtype", "size", "run"], rows, "lrrlrl"):
+            typer.echo(line)
 
 
 # -- sweep and plot -----------------------------------------------------------------
@@ -420,7 +504,7 @@ def _plot_or_say(draw: Any, *args: Any) -> bool:
     return True
 
 
-@app.command("sweep")
+@app.command("sweep", short_help="Evaluate many targets with a command; keep the best.")
 def sweep_command(
     ckpt_dir: CkptDir,
     sigma_rel: SigmaRels,
@@ -460,7 +544,9 @@ def sweep_command(
     step: Step = None,
     timeout: Annotated[
         float | None,
-        typer.Option(help="Seconds each evaluation may take (it is killed after).", show_default=False),
+        typer.Option(
+            metavar="SECONDS", help="Seconds each evaluation may take (it is killed after).", show_default=False
+        ),
     ] = None,
     keep_weights: Annotated[
         bool,
@@ -476,6 +562,8 @@ def sweep_command(
     """
     targets: list[float] = sigma_rel  # type: ignore[assignment]  # converted by the callback
     with _library_errors(), _shown_warnings():
+        _check_device(device)
+        _checked_plan(ckpt_dir, targets, step)  # headers only: refuse bad targets before any work
         result = command_sweep(
             ckpt_dir,
             targets,
@@ -516,7 +604,7 @@ def sweep_command(
         raise typer.Exit(1)
 
 
-@app.command("plot")
+@app.command("plot", short_help="Draw a reconstructed profile or the error curve.")
 def plot_command(
     ckpt_dir: CkptDir,
     sigma_rel: Annotated[
@@ -545,7 +633,8 @@ def plot_command(
             "--output",
             "-o",
             metavar="FILE",
-            help="Image file (.png, .pdf, .svg). Default: profile-SIGMA.png or error-curve.png, here.",
+            help="Image file (.png, .pdf, .svg; .png is added to a name without one). "
+            "Default: profile-SIGMA.png or error-curve.png, here.",
             show_default=False,
         ),
     ] = None,
@@ -560,17 +649,27 @@ def plot_command(
     with _library_errors():
         try:
             if grid is not None:
-                path = output if output is not None else Path("error-curve.png")
+                path = _image_path(output, "error-curve.png")
+                with warnings.catch_warnings():  # the curve shows the errors; no warning per target
+                    warnings.simplefilter("ignore", PoorReconstructionWarning)
+                    _checked_plan(ckpt_dir, grid, step)
                 plot_error_curve(ckpt_dir, grid, path, step=step)
             elif sigma_rel is not None:
-                path = output if output is not None else Path(f"profile-{sigma_rel!r}.png")
+                path = _image_path(output, f"profile-{sigma_rel!r}.png")
                 with _shown_warnings():
-                    the_plan = plan(ckpt_dir, sigma_rel, step=step)
+                    the_plan = _checked_plan(ckpt_dir, sigma_rel, step)
                 plot_profile(the_plan, 0, path)
         except ImportError as err:
             typer.secho(f"error: {_one_line(err)}", fg="red", err=True)
             raise typer.Exit(1) from None
     typer.echo(f"wrote {path}")
+
+
+def _image_path(output: Path | None, default: str) -> Path:
+    """The file ``plot`` writes: ``-o`` as given, ``.png`` appended when it has no suffix (as matplotlib would)."""
+    if output is None:
+        return Path(default)
+    return output if output.suffix else output.with_name(output.name + ".png")
 
 
 def main() -> None:

@@ -365,16 +365,19 @@ def command_sweep(
     previous = previous_result.metric if previous_result is not None and earlier and metric is None else None
     paths = {i: out / weights_name(the_plan.sigma_rels[i], the_plan.step) for i in todo}
 
+    # Cleared when an evaluation lacks the metric asked for: its row is saved as if none was asked for.
+    asked = metric
+
     def result() -> SweepResult:
         ordered = tuple(sorted(rows.values(), key=lambda r: r.sigma_rel))
         first = next((r for r in ordered if r.metrics), None)
         return SweepResult(
             rows=ordered,
-            metric=metric or previous or (next(iter(first.metrics)) if first else DEFAULT_METRIC),
+            metric=asked or previous or (next(iter(first.metrics)) if first else DEFAULT_METRIC),
             maximize=maximize,
             step=the_plan.step,
             tracked_sigma_rels=the_plan.tracked_sigma_rels,
-            fingerprint=fingerprint,
+            fingerprint={**fingerprint, "metric": asked},
         )
 
     def evaluate_at(j: int, state_dict: StateDict) -> Metrics:
@@ -390,6 +393,9 @@ def command_sweep(
                 paths[i].unlink(missing_ok=True)
 
     def record(row: SweepRow) -> None:
+        nonlocal asked
+        if asked is not None and row.metrics and asked not in row.metrics:
+            asked = None  # the sweep stops after this row; a resume may then name a metric it has
         path = out / weights_name(row.sigma_rel, the_plan.step)
         row = replace(row, weights=str(path) if keep_weights else None)
         rows[target_key(row.sigma_rel)] = row

@@ -4,7 +4,8 @@ Needs matplotlib (``pip install 'posthoc-ema[plot]'``), imported only when a
 function here is called. Figures are drawn on matplotlib's Agg canvas without
 pyplot, so nothing here changes the backend or the state of your session. Each
 function returns the :class:`matplotlib.figure.Figure` and, given a ``path``,
-also saves it (the format follows the suffix: ``.png``, ``.pdf``, ``.svg``).
+also saves it under exactly that name (the format follows the suffix: ``.png``,
+``.pdf``, ``.svg``; PNG for a name without one).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 
 from posthoc_ema import profiles
 from posthoc_ema.synthesis import ERROR_WARNING_THRESHOLD, Plan, PoorReconstructionWarning, plan
@@ -51,15 +52,10 @@ def _figure(figsize: tuple[float, float], dpi: int) -> Figure:
 
 def _finish(fig: Figure, path: str | os.PathLike[str] | None) -> Figure:
     if path is not None:
-        fig.savefig(os.fspath(path), dpi=fig.dpi)
+        # Without a suffix matplotlib would append ".png"; write PNG under exactly the name given instead.
+        fmt = None if Path(path).suffix else "png"
+        fig.savefig(os.fspath(path), dpi=fig.dpi, format=fmt)
     return fig
-
-
-def _density(t: npt.NDArray[np.float64], step: float, gamma: float) -> npt.NDArray[np.float64]:
-    """EDM2 eq. 121, ``(gamma + 1) t**gamma / T**(gamma + 1)`` on (0, T], 0 after; in units of 1/T_out."""
-    inside = (t > 0) & (t <= step)
-    rel = np.where(inside, t / step, 0.0)
-    return np.where(inside, (gamma + 1) * rel**gamma / step, 0.0)
 
 
 def plot_profile(
@@ -120,14 +116,14 @@ def plot_profile(
         for j, i in enumerate(rows):
             ax.plot(
                 t,
-                coef[i] * _density(t, steps[i], gammas[i]) * out_step,
+                coef[i] * profiles.power_profile(t, steps[i], gammas[i]) * out_step,
                 color=colors[k],
                 linewidth=0.6,
                 alpha=0.55,
                 label=f"{len(rows)} weighted snapshots of sigma_rel={s:.3g}" if j == 0 else None,
             )
-    target = _density(t, out_step, gamma) * out_step
-    recon = sum(c * _density(t, ti, gi) for c, ti, gi in zip(coef, steps, gammas, strict=True)) * out_step
+    target = profiles.power_profile(t, out_step, gamma) * out_step
+    recon = (coef[:, None] * profiles.power_profile(t, steps[:, None], gammas[:, None])).sum(axis=0) * out_step
     ax.plot(t, target, color="black", linewidth=2.4, label=f"target: sigma_rel={sigma_rel:.3g} (gamma={gamma:.3g})")
     ax.plot(t, recon, color="C1", linewidth=1.6, linestyle="--", label="reconstruction from the snapshots")
     ax.axhline(0, color="0.5", linewidth=0.6)

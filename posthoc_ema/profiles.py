@@ -24,6 +24,7 @@ __all__ = [
     "canonical_sigma_rel",
     "gamma_to_sigma_rel",
     "power_beta",
+    "power_profile",
     "profile_inner_product",
     "reconstruction_error",
     "same_sigma_rel",
@@ -83,7 +84,7 @@ def _check_sigma_rel(sigma_rel: ArrayLike) -> FloatArray:
     if np.any(bad):
         value = float(s[bad].flat[0])
         raise ValueError(
-            f"sigma_rel={value!r} is outside (0, {MAX_SIGMA_REL:.4f}); "
+            f"sigma_rel={value!r} is outside (0, {MAX_SIGMA_REL!r}); "
             "sigma_rel must be > 0 and below sqrt(1/12), the width of a uniform average"
         )
     return s
@@ -189,6 +190,27 @@ def power_beta(gamma: ArrayLike, step: ArrayLike, prev_step: ArrayLike) -> Float
         t_prev, t = np.broadcast_arrays(t_prev, t)
         raise ValueError(f"prev_step={float(t_prev[bad].flat[0])!r} is outside [0, step={float(t[bad].flat[0])!r}]")
     return (t_prev / t) ** (g + 1)
+
+
+def power_profile(t: ArrayLike, step: ArrayLike, gamma: ArrayLike) -> FloatArray:
+    """Density of the power-function profile read at ``step``, at times ``t`` (EDM2 eq. 121).
+
+    ``f(t) = (gamma + 1) * t**gamma / step**(gamma + 1)`` for ``0 < t <= step``,
+    and 0 elsewhere; it integrates to 1 over ``(0, step]``.
+
+    Raises:
+        ValueError: for a non-positive ``step`` or ``gamma <= -1``.
+
+    Example:
+        >>> power_profile([0.5, 1.0, 2.0], 1.0, 1.0).tolist()
+        [1.0, 2.0, 0.0]
+    """
+    g = _check_gamma(gamma)
+    end = _check_step(step, "step")
+    at = np.asarray(t, dtype=np.float64)
+    inside = (at > 0) & (at <= end)
+    rel = np.where(inside, at / end, 1.0)  # 1.0 keeps rel**gamma finite where the profile is 0
+    return np.where(inside, (g + 1) * rel**g / end, 0.0)
 
 
 def profile_inner_product(step_a: ArrayLike, gamma_a: ArrayLike, step_b: ArrayLike, gamma_b: ArrayLike) -> FloatArray:

@@ -193,8 +193,9 @@ def read_info(path: str | os.PathLike[str]) -> SnapshotInfo | None:
 def list_snapshots(snapshot_dir: str | os.PathLike[str], *, prefix: str | None = None) -> list[SnapshotInfo]:
     """Every snapshot in a folder, sorted by (step, sigma_rel).
 
-    Files other than ``*.safetensors``, temporary files and safetensors files that
-    are not snapshots are ignored.
+    Files other than ``*.safetensors``, temporary files, safetensors files that
+    are not snapshots and anything that is not a regular file (a FIFO, a folder)
+    are ignored.
 
     Args:
         snapshot_dir: the folder.
@@ -207,7 +208,8 @@ def list_snapshots(snapshot_dir: str | os.PathLike[str], *, prefix: str | None =
     folder = Path(snapshot_dir)
     if not folder.is_dir():
         raise SnapshotError(f"{folder}: no such snapshot folder")
-    infos = [info for p in sorted(folder.glob(f"*{SUFFIX}")) if (info := read_info(p)) is not None]
+    # Only regular files: reading a FIFO named *.safetensors would block.
+    infos = [info for p in sorted(folder.glob(f"*{SUFFIX}")) if p.is_file() and (info := read_info(p)) is not None]
     if prefix is not None:
         infos = [info for info in infos if info.prefix == prefix]
     return sorted(infos, key=lambda i: (i.step, i.sigma_rel))

@@ -422,13 +422,6 @@ class PostHocEMA:
         self._floating_numels = [self._sources[k].numel() for k in self._floating_keys]
         self._flatten()
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # A copy (copy.deepcopy, pickle) holds copies of the modules and tensors: map
-        # their new identities and watch them, so the copy follows assignments too.
-        self.__dict__.update(state)
-        self._slot = {id(r.holder.sources[r.index]): (r.holder, r.index) for r in self._tracked}
-        self._index_homes()
-
     def _index_homes(self) -> None:
         """Look-ups of where the model holds each tracked tensor, and the hooks that watch them."""
         self._by_home = {(id(module), name): r for r in self._tracked for module, name in r.homes}
@@ -1030,15 +1023,16 @@ class PostHocEMA:
         state = self.__dict__.copy()
         for key in ("_writer", "_lock", "_finalizer", "_buffers", "_folder_checked"):
             state.pop(key, None)
-        if "_slot" in state:  # keyed by id(), which a copy changes: key it by name
-            state["_slot"] = {k: self._slot[id(self._sources[k])] for k in self._keys}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy (copy.deepcopy, pickle) holds copies of the modules and tensors: map
+        # their new identities (the slots are keyed by id()) and watch them, so the
+        # copy follows assignments too; it starts a writer of its own when it snapshots.
         legacy, warned = state.pop("_legacy_resume", False), state.pop("_warned_wide", set())
-        if "_slot" in state:
-            state["_slot"] = {id(state["_sources"][k]): slot for k, slot in state["_slot"].items()}
         self.__dict__.update(state)
+        self._slot = {id(r.holder.sources[r.index]): (r.holder, r.index) for r in self._tracked}
+        self._index_homes()
         self._init_writing()
         self._legacy_resume, self._warned_wide = legacy, warned
 

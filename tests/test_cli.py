@@ -9,24 +9,27 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import safetensors
 import torch
+import typer
 from helpers import invoke, make_model, random_walk_run, write_snapshot
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
 import posthoc_ema.files as snapshots_module
 import posthoc_ema.synthesis as synthesize_module
 from posthoc_ema import cli, sigma_rel_to_gamma
 from posthoc_ema._version import __version__
 from posthoc_ema.snapshots import SnapshotInfo, list_snapshots, read_info, snapshot_name, write_atomic
-from posthoc_ema.synthesis import plan, synthesize, synthesize_many
+from posthoc_ema.synthesis import plan, save, synthesize, synthesize_many
 
 LAST, MID, EVERY = 600, 300, 50
 
@@ -247,9 +250,9 @@ def test_write_failure_leaves_no_file(run_dir: Path, tmp_path: Path, monkeypatch
     monkeypatch.setattr(snapshots_module, "write_safetensors", disk_full)
     out = tmp_path / "out"
     _, stderr = invoke("synthesize", run_dir, "-s", "0.07", "-o", out / "ema.safetensors", code=1)
-    tmp = re.escape(str(out / "ema.safetensors.")) + r"\d+-[0-9a-f]{8}\.tmp"  # a temporary name of this writer's own
-    assert re.fullmatch(f"error: {tmp}: No space left on device", one_error_line(stderr))
-    assert files(out) == []
+    # The error names the file asked for, not its temporary name, and the folder made for it is gone.
+    assert one_error_line(stderr) == f"error: {out / 'ema.safetensors'}: No space left on device"
+    assert not out.exists()
 
 
 # -- bad input ---------------------------------------------------------------------------
@@ -322,9 +325,9 @@ def test_broken_folders(copy_of_run: Path, tmp_path: Path, breaker: Callable[[Pa
     [
         (
             ["-s", "0.3"],
-            r"error: sigma_rel=0\.3 is outside \(0, 0\.2887\); sigma_rel must be > 0 and below sqrt\(1/12\).*",
+            r"error: sigma_rel=0\.3 is outside \(0, 0\.2886751\d+\); sigma_rel must be > 0 and below sqrt\(1/12\).*",
         ),
-        (["-s", "0.2:0.3:0.05"], r"error: sigma_rel=0\.3 is outside \(0, 0\.2887\).*"),
+        (["-s", "0.2:0.3:0.05"], r"error: sigma_rel=0\.3 is outside \(0, 0\.2886751\d+\).*"),
         (["-s", "0.07", "--step", "275"], r"error: step=275 is not a snapshot step; the nearest are 250, 300 .*"),
         (["-s", "0.07", "--step", "1"], r"error: step=1 is not a snapshot step; the nearest are 50, 100 .*"),
         (["-s", "0.07", "--step", "601"], r"error: step=601 is after the last snapshot \(step 600\)"),
@@ -618,3 +621,133 @@ def test_info_says_a_folder_mixes_runs(copy_of_run: Path) -> None:
     for step in (LAST + 100, LAST + 150):
         (copy_of_run / snapshot_name(step, 0.05)).unlink()
     assert not any("mixes" in o for o in json.loads(invoke("info", copy_of_run, "--json")[0])["oddities"])
+
+
+# -- day-one edges ------------------------------------------------------------------------------
+
+
+def test_python_dash_m(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "posthoc_ema", "--version"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert (done.returncode, done.stdout) == (0, f"posthoc-ema {__version__}\n"), done.stderr
+
+
+def size_words(n_bytes: int) -> list[str]:
+    return [str(n_bytes), "B"] if n_bytes < 1024 else [f"{n_bytes / 1024:.1f}", "KiB"]
+
+
+def test_info_files_lists_every_snapshot(run_dir: Path) -> None:
+    stdout, _ = invoke("info", run_dir, "--files")
+    table = stdout.split("\n\n", 1)[1].splitlines()
+    assert table[0].split() == ["file", "step", "sigma_rel", "dtype", "size", "run"]
+    expected = [
+        [i.path.name, str(i.step), f"{i.sigma_rel:.6g}", "float32", *size_words(i.path.stat().st_size), i.run_id or "-"]
+        for i in list_snapshots(run_dir)
+    ]
+    assert [line.split() for line in table[1:]] == expected
+
+
+def test_one_target_into_a_new_folder_with_a_trailing_slash(run_dir: Path, tmp_path: Path) -> None:
+    stdout, _ = invoke("synthesize", run_dir, "-s", "0.07", "-o", f"{tmp_path / 'newdir'}/")
+    assert files(tmp_path / "newdir") == [f"ema-0.07-{LAST}.safetensors"]
+    assert stdout.endswith(f"wrote {tmp_path / 'newdir' / f'ema-0.07-{LAST}.safetensors'}\n")
+
+
+def test_a_failed_synthesis_leaves_no_empty_folder(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "a" / "b"
+    invoke("synthesize", run_dir, "-s", "0.07", "--step", "275", "-o", f"{out}/", code=1)
+    invoke("synthesize", run_dir, "-s", "0.07", "-s", "0.1", "--step", "275", "-o", out, code=1)
+    assert files(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["synthesize", "sweep", "plot"])
+def test_a_sigma_rel_too_small_to_compute_is_refused(run_dir: Path, tmp_path: Path, command: str) -> None:
+    extra = ["-e", "sh -c 'echo 1' {weights}"] if command == "sweep" else []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NumPy warning may leak
+        _, stderr = invoke(command, run_dir, "-s", "1e-300", *extra, "-o", tmp_path / "out", code=1)
+    assert one_error_line(stderr).startswith("error: sigma_rel=1e-300 is too small: its profile (gamma=1e+300)")
+    assert files(tmp_path) == []
+
+
+def test_the_sigma_rel_bound_is_printed_in_full(run_dir: Path, tmp_path: Path) -> None:
+    _, stderr = invoke("synthesize", run_dir, "-s", "0.2887", "-o", tmp_path / "x.safetensors", code=1)
+    assert one_error_line(stderr).startswith("error: sigma_rel=0.2887 is outside (0, 0.28867513459481287)")
+
+
+@pytest.mark.parametrize("command", ["synthesize", "info", "sweep", "plot"])
+def test_help_is_readable_at_80_columns(command: str) -> None:
+    result = CliRunner().invoke(cli.app, [command, "--help"], terminal_width=80)
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= 80
+    # Each option's help starts with at least 30 characters on one line, not a word or two per line.
+    params = [p for p in typer.main.get_command(cli.app).commands[command].params if getattr(p, "help", None)]
+    assert params
+    for param in params:
+        start = " ".join(param.help.split())[:30]
+        assert any(start in line for line in lines), (start, result.stdout)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_info_and_listing_skip_a_fifo(copy_of_run: Path) -> None:
+    os.mkfifo(copy_of_run / "pipe.safetensors")
+    code = (
+        "import sys; from posthoc_ema.snapshots import list_snapshots; from posthoc_ema.cli import main; "
+        "print(len(list_snapshots(sys.argv[1]))); sys.argv[1:] = ['info', sys.argv[1]]; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(copy_of_run)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("24\n") and "oddities      none" in done.stdout
+
+
+# -- outputs: never replaced without --force, never in the snapshot folder ------------------------
+
+
+def test_an_existing_output_is_kept_unless_forced(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ema.safetensors"
+    out.write_bytes(b"mine")
+    stdout, stderr = invoke("synthesize", run_dir, "-s", "0.07", "-o", out, code=1)
+    assert one_error_line(stderr) == f"error: {out} exists; pass --force to replace it"
+    assert "wrote" not in stdout and out.read_bytes() == b"mine"
+    invoke("synthesize", run_dir, "-s", "0.07", "-o", out, "--force")
+    assert same(read(out)[0], synthesize(run_dir, 0.07))
+
+
+def test_two_default_names_do_not_replace_each_other(run_dir: Path, in_tmp: Path) -> None:
+    invoke("synthesize", run_dir, "-s", "0.07", "-s", "0.1")
+    before = (in_tmp / f"ema-0.1-{LAST}.safetensors").read_bytes()
+    _, stderr = invoke("synthesize", run_dir, "-s", "0.1", "-s", "0.12", code=1)
+    assert one_error_line(stderr) == f"error: ema-0.1-{LAST}.safetensors exists; pass --force to replace it"
+    assert (in_tmp / f"ema-0.1-{LAST}.safetensors").read_bytes() == before
+    assert not (in_tmp / f"ema-0.12-{LAST}.safetensors").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("where", ["folder", "file", "dotted"])
+def test_synthesize_refuses_the_snapshot_folder(copy_of_run: Path, where: str) -> None:
+    before = {p.name: p.read_bytes() for p in copy_of_run.iterdir()}
+    target = {
+        "folder": copy_of_run,
+        "file": copy_of_run / snapshot_name(LAST, 0.1),
+        "dotted": copy_of_run / "sub" / ".." / "x.safetensors",
+    }[where]
+    _, stderr = invoke("synthesize", copy_of_run, "-s", "0.07", "-o", target, "--force", code=1)
+    assert "is in the snapshot folder" in one_error_line(stderr)
+    assert {p.name: p.read_bytes() for p in copy_of_run.iterdir()} == before
+
+
+def test_save_refuses_to_replace_unless_told(run_dir: Path, tmp_path: Path) -> None:
+    the_plan = plan(run_dir, [0.07])
+    state_dict = synthesize(run_dir, 0.07)
+    out = tmp_path / "ema.safetensors"
+    out.write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match="the file exists; pass overwrite=True to replace it"):
+        save(out, state_dict, the_plan, 0)
+    assert out.read_bytes() == b"mine"
+    save(out, state_dict, the_plan, 0, overwrite=True)
+    assert same(read(out)[0], state_dict)
+    with pytest.raises(ValueError, match="is in the snapshot folder; write synthesized files elsewhere"):
+        save(run_dir / "ema.safetensors", state_dict, the_plan, 0, overwrite=True)

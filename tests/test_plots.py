@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import invoke
 
-from posthoc_ema import PostHocEMA
+from posthoc_ema import PostHocEMA, plots, profiles
 from posthoc_ema.plots import DPI, FIGSIZE, plot_error_curve, plot_profile, plot_sweep
 from posthoc_ema.sweeps import EvaluationError, SweepResult, SweepRow, sweep
 from posthoc_ema.synthesis import PoorReconstructionWarning, plan
@@ -268,7 +268,7 @@ def test_cli_plot_warns_about_a_poor_target(mpl: None, run_dir: Path, tmp_path: 
         ([], 2, "give either --sigma-rel or --error-curve"),
         (["-s", "0.1", "--error-curve", "0.05:0.1:0.01"], 2, "give either --sigma-rel or --error-curve"),
         (["--error-curve", "0.05:0.1"], 2, "is not a number or a range START:STOP:STEP"),
-        (["-s", "0.4"], 1, "error: sigma_rel=0.4 is outside (0, 0.2887)"),
+        (["-s", "0.4"], 1, "error: sigma_rel=0.4 is outside (0, 0.28867513459481287)"),
         (["-s", "0.1", "-o", "FOLDER/p.xyz"], 1, "error: Format 'xyz' is not supported"),
     ],
 )
@@ -283,3 +283,28 @@ def test_cli_plot_errors(mpl: None, run_dir: Path, tmp_path: Path, args: list[st
 def test_cli_plot_missing_folder(run_dir: Path, tmp_path: Path) -> None:
     _, stderr = invoke("plot", tmp_path / "nope", "-s", "0.1", code=1)
     assert stderr == f"error: {tmp_path / 'nope'}: no such snapshot folder\n"
+
+
+def test_cli_plot_writes_the_name_it_prints(mpl: None, run_dir: Path, tmp_path: Path) -> None:
+    stdout, _ = invoke("plot", run_dir, "-s", "0.1", "-o", tmp_path / "prof")
+    assert stdout == f"wrote {tmp_path / 'prof.png'}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prof.png"]
+    assert png_size(tmp_path / "prof.png") == PIXELS
+
+
+def test_a_figure_is_saved_under_exactly_the_name_given(mpl: None, run_dir: Path, tmp_path: Path) -> None:
+    plot_profile(plan(run_dir, 0.1), 0, tmp_path / "prof")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prof"]
+    assert png_size(tmp_path / "prof") == PIXELS
+
+
+def test_the_profile_density_is_eq_121() -> None:
+    # EDM2 eq. 121, written out independently: (gamma + 1) t^gamma / T^(gamma + 1) on (0, T].
+    t = np.array([-1.0, 0.0, 0.5, 2.0, 4.0, 4.5])
+    for gamma in (0.0, 0.5, 6.94, 16.97):
+        expected = [(gamma + 1) * x**gamma / 4.0 ** (gamma + 1) if 0 < x <= 4.0 else 0.0 for x in t]
+        np.testing.assert_allclose(profiles.power_profile(t, 4.0, gamma), expected, rtol=1e-13)
+    grid = np.linspace(0, 10, 200_001)
+    density = profiles.power_profile(grid, 10.0, 6.94)
+    assert abs(np.sum((density[1:] + density[:-1]) / 2 * np.diff(grid)) - 1) < 1e-6
+    assert "def _density" not in Path(plots.__file__).read_text()

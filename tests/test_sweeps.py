@@ -5,9 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import posthoc_ema.sweeps as sweep_module
+from posthoc_ema.snapshots import list_snapshots
 from posthoc_ema.sweeps import (
     RESULTS_CSV,
     RESULTS_JSON,
@@ -652,7 +658,7 @@ def test_cli_sweep_refuses_results_of_another_step(
     [
         (["-s", "0.07", "-e", "python eval.py"], 1, "error: the evaluation command 'python eval.py' has no {weights}"),
         (["-s", "0.07", "-e", "no-such-program-xyz {weights}"], 1, "error: the evaluation command's program"),
-        (["-s", "0.5", "-e", "EVAL"], 1, "error: sigma_rel=0.5 is outside (0, 0.2887)"),
+        (["-s", "0.5", "-e", "EVAL"], 1, "error: sigma_rel=0.5 is outside (0, 0.28867513459481287)"),
         (["-s", "0.1:0.05:0.01", "-e", "EVAL"], 2, "the range is empty"),
         (["-s", "0.07"], 2, "Missing option '--eval'"),
         (["-s", "0.07", "-e", "EVAL", "--timeout", "0"], 1, "error: timeout=0.0 is not a positive number of seconds"),
@@ -703,3 +709,199 @@ def test_each_sweep_module_imports_first(module: str) -> None:
     code = f"import {module}; from posthoc_ema.sweeps import command_sweep, SweepResult; print('ok')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.stdout == "ok\n", done.stderr
+
+
+# -- evaluations that misbehave: no hang, nothing left running, nothing lost ------------------
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie waiting for a reaper has ended too)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_a_timeout_kills_what_the_evaluation_started(tmp_path: Path) -> None:
+    pid_file = tmp_path / "sleep.pid"
+    command = "sh -c 'sleep 60 & echo $! > \"$1\"; wait' sh {weights}"
+    with pytest.raises(EvaluationError, match=r"timed out after 1.0 s"):
+        run_command(command, pid_file, timeout=1.0)
+    pid = int(pid_file.read_text())
+    for _ in range(100):  # SIGKILL is delivered at once; allow the scheduler up to 10 s
+        if gone(pid):
+            break
+        time.sleep(0.1)
+    survived = not gone(pid)
+    if survived:
+        os.kill(pid, signal.SIGKILL)
+    assert not survived, "the background sleep outlived its evaluation"
+
+
+def test_an_evaluation_reads_no_stdin(tmp_path: Path) -> None:
+    # A pipe nobody writes to as our stdin: an evaluation that inherited it would wait for input.
+    read_end, write_end = os.pipe()
+    saved = os.dup(0)
+    os.dup2(read_end, 0)
+    try:
+        with pytest.raises(EvaluationError, match=r"exited with status 1\n(.|\n)*EOFError"):
+            run_command(script(tmp_path, "input()\nprint(1.0)"), "w", timeout=30)
+    finally:
+        os.dup2(saved, 0)
+        for fd in (saved, read_end, write_end):
+            os.close(fd)
+
+
+def test_an_evaluation_may_print_bytes_that_are_not_utf8(tmp_path: Path) -> None:
+    body = "import sys; sys.stdout.buffer.write(b'caf\\xe9 \\xff\\n0.25\\n'); sys.stderr.buffer.write(b'\\xfe')"
+    assert run_command(script(tmp_path, body), "w") == 0.25
+    failing = "import sys; sys.stderr.buffer.write(b'bad \\xff byte'); sys.exit(2)"
+    with pytest.raises(EvaluationError, match=r"exited with status 2\nbad \ufffd byte$"):
+        run_command(script(tmp_path, failing), "w")
+
+
+def test_a_nan_metric_is_a_failed_row_retried_on_resume(run_dir: Path, tmp_path: Path) -> None:
+    flag = tmp_path / "nan"
+    flag.write_text("")
+    body = f"""
+        import os, json
+        print(json.dumps({{"loss": float("nan") if os.path.exists({str(flag)!r}) else 0.5, "acc": 0.9}}))
+    """
+    out = tmp_path / "out"
+    first = command_sweep(run_dir, [0.07], script(tmp_path, body), out)
+    assert not first.rows[0].ok and first.rows[0].failure == "the evaluation gave NaN for 'loss'"
+    flag.unlink()
+    again = command_sweep(run_dir, [0.07], script(tmp_path, body), out)
+    assert again.rows[0].ok and again.rows[0].metrics == {"loss": 0.5, "acc": 0.9}
+
+
+def test_the_in_process_sweep_fails_nan_rows(run_dir: Path) -> None:
+    result = sweep(run_dir, [0.05, 0.07], lambda sd: math.nan if weight_norm(sd) > 0 else 1.0)
+    assert [r.ok for r in result.rows] == [False, False]
+    assert all(r.failure == "the evaluation gave NaN for 'metric'" for r in result.rows)
+
+
+def test_a_missing_metric_keeps_the_first_evaluation(
+    run_dir: Path, tmp_path: Path, evaluator: Callable[..., str]
+) -> None:
+    out = tmp_path / "sweep"
+    with pytest.raises(ValueError, match="metric='nosuch' is not among the metrics the evaluation returned: loss, acc"):
+        command_sweep(run_dir, [0.05, 0.07], evaluator(), out, metric="nosuch")
+    assert calls(tmp_path) == [0.05]
+    kept = SweepResult.from_json(out / RESULTS_JSON)
+    assert [r.sigma_rel for r in kept.rows] == [0.05] and kept.rows[0].ok
+    # With the missing metric again, the error comes before any evaluation.
+    with pytest.raises(ValueError, match="metric='nosuch' is not among the metrics of its results: acc, loss"):
+        command_sweep(run_dir, [0.05, 0.07], evaluator(), out, metric="nosuch")
+    assert calls(tmp_path) == [0.05]
+    # Resumed with a metric it has, the first evaluation is not run again.
+    result = command_sweep(run_dir, [0.05, 0.07], evaluator(), out, metric="loss")
+    assert calls(tmp_path) == [0.05, 0.07]
+    assert result.metric == "loss" and len(result.rows) == 2
+    with pytest.raises(ValueError, match="holds results ranked by metric 'loss', not 'nosuch'"):
+        command_sweep(run_dir, [0.05, 0.07], evaluator(), out, metric="nosuch")
+
+
+def test_cli_sweep_with_a_missing_metric(run_dir: Path, tmp_path: Path, evaluator: Callable[..., str]) -> None:
+    out = tmp_path / "sweep"
+    _, stderr = invoke("sweep", run_dir, "-s", "0.07", "-e", evaluator(), "--metric", "nosuch", "-o", out, code=1)
+    assert stderr.endswith("error: metric='nosuch' is not among the metrics the evaluation returned: loss, acc\n")
+    assert SweepResult.from_json(out / RESULTS_JSON).rows[0].metrics.keys() == {"loss", "acc"}
+
+
+def test_results_carry_a_fingerprint(run_dir: Path, tmp_path: Path, evaluator: Callable[..., str]) -> None:
+    out = tmp_path / "sweep"
+    command_sweep(run_dir, [0.07], evaluator(), out, metric="loss")
+    data = json.loads((out / RESULTS_JSON).read_text())
+    assert data["fingerprint"] == {
+        "snapshot_dir": str(run_dir.resolve()),
+        "run_ids": sorted({i.run_id for i in list_snapshots(run_dir) if i.run_id is not None}),
+        "command": evaluator(),
+        "metric": "loss",
+    }
+    assert SweepResult.from_json(out / RESULTS_JSON).fingerprint == data["fingerprint"]
+
+
+def test_resuming_refuses_another_folder_command_or_metric(
+    run_dir: Path, tmp_path: Path, evaluator: Callable[..., str]
+) -> None:
+    out = tmp_path / "sweep"
+    command_sweep(run_dir, [0.07], evaluator(), out, metric="loss")
+    other = Path(shutil.copytree(run_dir, tmp_path / "other"))
+    with pytest.raises(ValueError, match=f"holds results of the snapshots in {re.escape(str(run_dir.resolve()))}"):
+        command_sweep(other, [0.07], evaluator(), out)
+    with pytest.raises(
+        ValueError, match=r"holds results of the evaluation command .*, not of \"sh -c 'echo 1' \{weights\}\""
+    ):
+        command_sweep(run_dir, [0.07], "sh -c 'echo 1' {weights}", out)
+    with pytest.raises(ValueError, match="holds results ranked by metric 'loss', not 'acc'; pass metric='loss'"):
+        command_sweep(run_dir, [0.07], evaluator(), out, metric="acc")
+    assert calls(tmp_path) == [0.07]
+    # The same folder, command and metric (or none) resume.
+    assert command_sweep(run_dir, [0.07], evaluator(), out).metric == "loss"
+    assert calls(tmp_path) == [0.07]
+
+
+def test_cli_sweep_refuses_to_mix_two_folders(run_dir: Path, tmp_path: Path, evaluator: Callable[..., str]) -> None:
+    out = tmp_path / "sweep"
+    invoke("sweep", run_dir, "-s", "0.07", "-e", evaluator(), "-o", out)
+    other = Path(shutil.copytree(run_dir, tmp_path / "other"))
+    stdout, stderr = invoke("sweep", other, "-s", "0.07", "-e", evaluator(), "-o", out, code=1)
+    assert "already evaluated" not in stdout
+    assert stderr.startswith(f"error: {out / RESULTS_JSON} holds results of the snapshots in {run_dir.resolve()}")
+    assert len(stderr.splitlines()) == 1
+
+
+def test_numpy_scalars_are_accepted(run_dir: Path, tmp_path: Path, evaluator: Callable[..., str]) -> None:
+    result = command_sweep(run_dir, np.array([0.07]), evaluator(), tmp_path / "out", step=np.int64(LAST))
+    assert result.step == LAST and result.rows[0].ok
+    assert weights_name(np.float64(0.07), np.int64(LAST)) == f"ema-0.07-{LAST}.safetensors"
+    row = SweepRow(
+        sigma_rel=np.float64(0.1),
+        predicted_error=np.float32(0.01),
+        outside=np.bool_(False),
+        metrics={"m": np.float32(2)},
+    )
+    table = SweepResult(
+        rows=(row,), metric="m", maximize=False, step=np.int64(7), tracked_sigma_rels=(np.float64(0.05),)
+    )
+    table.to_json(tmp_path / "r.json")
+    table.to_csv(tmp_path / "r.csv")
+    back = SweepResult.from_json(tmp_path / "r.json")
+    assert back.step == 7 and back.rows[0].sigma_rel == 0.1 and back.rows[0].metrics == {"m": 2.0}
+    assert (tmp_path / "r.csv").read_text().splitlines()[1].startswith("0.1,2.0,")
+
+
+def test_a_sweep_refuses_the_snapshot_folder_as_output(run_dir: Path, evaluator: Callable[..., str]) -> None:
+    before = sorted(p.name for p in run_dir.iterdir())
+    with pytest.raises(ValueError, match=r"the output folder .* is the snapshot folder; choose another one"):
+        command_sweep(run_dir, [0.07], evaluator(), run_dir / ".")
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_a_failed_sweep_leaves_no_empty_folder(
+    run_dir: Path, tmp_path: Path, evaluator: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_run(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sweep_module, "run", broken_run)
+    with pytest.raises(OSError, match="No space left"):
+        command_sweep(run_dir, [0.07], evaluator(), tmp_path / "a" / "b")
+    assert not (tmp_path / "a").exists()
+    _, stderr = invoke("sweep", run_dir, "-s", "0.07", "-e", evaluator(), "-o", tmp_path / "c", code=1)
+    assert stderr == "error: No space left on device\n"
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_sweep_checks_the_device_first(
+    run_dir: Path, tmp_path: Path, evaluator: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _, stderr = invoke(
+        "sweep", run_dir, "-s", "0.07", "-e", evaluator(), "--device", "cuda", "-o", tmp_path / "o", code=1
+    )
+    assert stderr == "error: --device cuda: no CUDA device is available to PyTorch\n"
+    assert not (tmp_path / "o").exists() and calls(tmp_path) == []
