@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
+import io
 import itertools
 import math
 import os
@@ -375,7 +376,7 @@ def _fill(
     e0: int,
     e1: int,
     *,
-    files: Sequence[int],
+    files: Sequence[io.FileIO],
     infos: Sequence[SnapshotInfo],
     bases: Sequence[int | None],
     keys: Sequence[str],
@@ -384,11 +385,11 @@ def _fill(
     """Rows of elements ``[e0, e1)`` of each snapshot's flat floating vector, in ``buffer``."""
     rows = buffer[:, : e1 - e0]
     arrays = rows.numpy()
-    for i, (fd, info, base) in enumerate(zip(files, infos, bases, strict=True)):
+    for i, (file, info, base) in enumerate(zip(files, infos, bases, strict=True)):
         if base is None:
-            _read_flat(fd, info, keys, starts, e0, e1, rows[i])
-        elif os.preadv(fd, [arrays[i]], base + 4 * e0) != arrays[i].nbytes:
-            raise SnapshotError(f"{info.path}: file ended early; it is truncated")
+            _read_flat(file, info, keys, starts, e0, e1, rows[i])
+        else:
+            _read_into(file, arrays[i].view(np.uint8).data, base + 4 * e0, info=info, what="its data")
     return rows
 
 
@@ -417,20 +418,49 @@ def _one_torch_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+# The class snapshot files are opened with: unbuffered, so that a read goes straight into our buffer.
+_RawFile = io.FileIO
+
+
 @contextlib.contextmanager
-def _open_raw(info: SnapshotInfo) -> Iterator[int]:
+def _open_raw(info: SnapshotInfo) -> Iterator[io.FileIO]:
     try:
-        fd = os.open(info.path, os.O_RDONLY)
+        file = _RawFile(info.path, "r")
     except OSError as err:
         raise SnapshotError(f"{info.path}: cannot open snapshot ({err.strerror})") from None
-    try:
-        yield fd
-    finally:
-        os.close(fd)
+    with file:
+        yield file
+
+
+def _read_into(file: io.FileIO, buffer: memoryview, position: int, *, info: SnapshotInfo, what: str) -> None:
+    """Fill ``buffer`` (bytes) with the file's bytes from ``position`` on, in as many reads as it takes.
+
+    A read may return fewer bytes than asked for without being at the end of
+    the file (NFS, FUSE, a signal), so this reads until the buffer is full; a
+    read of 0 bytes means the file ended early. ``os.preadv`` reads at a
+    position without moving the file's offset; where it is missing (Windows)
+    the file is positioned with ``seek`` and read with ``readinto``, which is
+    the same bytes since each file is read by one thread only.
+    """
+    preadv = getattr(os, "preadv", None)  # looked up per read: tests take it away to force the other path
+    size, done = buffer.nbytes, 0
+    while done < size:
+        rest = buffer[done:] if done else buffer
+        try:
+            if preadv is not None:
+                got = preadv(file.fileno(), [rest], position + done)
+            else:
+                file.seek(position + done)
+                got = file.readinto(rest) or 0
+        except OSError as err:
+            raise SnapshotError(f"{info.path}: cannot read {what} ({err.strerror})") from None
+        if got <= 0:
+            raise SnapshotError(f"{info.path}: file ended while reading {what}; it is truncated")
+        done += got
 
 
 def _read_flat(
-    fd: int, info: SnapshotInfo, keys: Sequence[str], starts: Sequence[int], e0: int, e1: int, out: torch.Tensor
+    file: io.FileIO, info: SnapshotInfo, keys: Sequence[str], starts: Sequence[int], e0: int, e1: int, out: torch.Tensor
 ) -> None:
     """Read elements ``[e0, e1)`` of one snapshot's flat floating vector into ``out`` (float32)."""
     k = bisect.bisect_right(starts, e0) - 1
@@ -452,9 +482,7 @@ def _read_flat(
             hi = min(e1, starts[k + 1])
         dest = out[lo - e0 : hi - e0]
         target = dest if torch_dtype == torch.float32 else torch.empty(hi - lo, dtype=torch_dtype)
-        view = target.view(torch.uint8).numpy().data
-        if os.preadv(fd, [view], position) != len(view):
-            raise SnapshotError(f"{info.path}: file ended while reading {keys[k]!r}; it is truncated")
+        _read_into(file, target.view(torch.uint8).numpy().data, position, info=info, what=repr(keys[k]))
         if target is not dest:
             dest.copy_(target)
         k += 1
