@@ -5,6 +5,7 @@ from posthoc_ema.errors import (
     EvaluationError,
     PoorReconstructionWarning,
     PostHocEMAError,
+    RoundingWarning,
     SnapshotError,
     SnapshotWriteError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "PoorReconstructionWarning",
     "PostHocEMA",
     "PostHocEMAError",
+    "RoundingWarning",
     "SnapshotError",
     "SnapshotInfo",
     "SnapshotWriteError",

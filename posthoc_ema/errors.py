@@ -12,6 +12,7 @@ __all__ = [
     "EvaluationError",
     "PoorReconstructionWarning",
     "PostHocEMAError",
+    "RoundingWarning",
     "SnapshotError",
     "SnapshotWriteError",
 ]
@@ -39,3 +40,8 @@ class EvaluationError(PostHocEMAError, RuntimeError):
 
 class PoorReconstructionWarning(UserWarning):
     """The snapshots reproduce a requested profile only roughly (see :attr:`~posthoc_ema.Plan.errors`)."""
+
+
+class RoundingWarning(PoorReconstructionWarning):
+    """The rounding of 16-bit snapshots, amplified by the coefficients, dominates a target's error
+    (see :attr:`~posthoc_ema.Plan.rounding_errors`)."""
