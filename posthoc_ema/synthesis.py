@@ -247,11 +247,17 @@ def rounding_errors(coefficients: npt.ArrayLike, unit_roundoffs: npt.ArrayLike) 
     return np.asarray(_RMS_ROUNDING * np.linalg.norm(weighted, axis=0), dtype=np.float64)
 
 
-def _rounding_matters(rounding: float, error: float, unit_roundoff: float) -> bool:
-    """Whether a target's rounding error deserves a warning: it shows (at least 0.01%, as
-    :func:`format_error` prints it), it dominates the profile error, and the coefficients
-    amplify the storage rounding more than twice over what rounding the EMA itself would cost."""
-    return rounding >= 5e-5 and rounding > error and rounding > 2 * _RMS_ROUNDING * unit_roundoff
+def _rounding_matters(rounding: float, unit_roundoff: float) -> bool:
+    """Whether a target's rounding error deserves a warning.
+
+    It must show (at least 0.01%, as :func:`format_error` prints it; float32's
+    2**-24 would need a coefficient norm in the thousands) and the coefficients
+    must amplify the storage rounding to more than twice what storing the EMA
+    itself in that dtype costs (``_RMS_ROUNDING * u``): the cost of choosing a
+    16-bit dtype is expected, its amplification is the surprise. It is not
+    compared with :attr:`Plan.errors`, which measures the profile, not the weights.
+    """
+    return rounding >= 5e-5 and rounding > 2 * _RMS_ROUNDING * unit_roundoff
 
 
 def _pick_step(steps: Sequence[int], step: int | None) -> int:
@@ -343,17 +349,17 @@ def plan(
     worst = max(roundoffs)
     rounded = [
         (s, r, n)
-        for s, r, err, n in zip(targets, result.rounding_errors, errors, result.coefficient_norms, strict=True)
-        if _rounding_matters(float(r), float(err), worst)
+        for s, r, n in zip(targets, result.rounding_errors, result.coefficient_norms, strict=True)
+        if _rounding_matters(float(r), worst)
     ]
     if rounded:
         stored = result.storage_dtypes[0]  # the coarsest, which the rounding comes from
         warnings.warn(
             f"{len(rounded)} of {len(targets)} targets (sigma_rel {', '.join(f'{s:.4g}' for s, _, _ in rounded)}) "
             f"lose about {', '.join(format_error(r) for _, r, _ in rounded)} of the weights' size to the rounding of "
-            f"the {stored} snapshots, more than their profile error: their coefficients (norm "
-            f"{', '.join(f'{n:.3g}' for _, _, n in rounded)}) amplify it; track sigma_rels closer to them "
-            "or store snapshots in float32",
+            f"the {stored} snapshots: their coefficients (norm {', '.join(f'{n:.3g}' for _, _, n in rounded)}) "
+            f"amplify it to over twice what storing the EMA itself in {stored} costs; track sigma_rels "
+            "closer to them or store snapshots in float32",
             RoundingWarning,
             stacklevel=2,
         )
