@@ -24,12 +24,13 @@ __all__ = ["TMP_SUFFIX", "atomic_path", "read_header", "write_atomic", "write_sa
 TMP_SUFFIX = ".tmp"
 
 
-#: Bytes per element of every dtype the safetensors format defines (safetensors/src/tensor.rs, ``Dtype::size``
-#: in huggingface/safetensors), so that the byte span of any tensor can be checked, even in a file
-#: that is not a snapshot.
-_SAFETENSORS_ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
-    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8,
+#: Bits per element of every dtype the safetensors format defines (``Dtype::bitsize`` in
+#: safetensors/src/tensor.rs of huggingface/safetensors; F4 and F6 pack below a byte), so that the
+#: byte span of any tensor can be checked, even in a file that is not a snapshot.
+_SAFETENSORS_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64,
+    "I64": 64, "U64": 64,
 }  # fmt: skip
 # The largest header read, as safetensors refuses bigger ones (MAX_HEADER_SIZE in safetensors/src/tensor.rs).
 _MAX_HEADER_BYTES = 100_000_000
@@ -58,8 +59,8 @@ def _check_entry(name: str, entry: object) -> str | None:
     if missing:
         return f"tensor {name!r} lacks {missing[0]!r}"
     dtype, shape, span = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_ITEMSIZE:
-        return f"tensor {name!r} has dtype {dtype!r}, not one of {', '.join(_SAFETENSORS_ITEMSIZE)}"
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_BITS:
+        return f"tensor {name!r} has dtype {dtype!r}, not one of {', '.join(_SAFETENSORS_BITS)}"
     if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
         return f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers"
     if not isinstance(span, list) or len(span) != 2 or not all(_is_count(n) for n in span) or span[0] > span[1]:
@@ -67,10 +68,11 @@ def _check_entry(name: str, entry: object) -> str | None:
     count = 1
     for n in shape:
         count *= n
-    if span[1] - span[0] != count * _SAFETENSORS_ITEMSIZE[dtype]:
+    bits = count * _SAFETENSORS_BITS[dtype]
+    if bits % 8 or span[1] - span[0] != bits // 8:
         return (
             f"tensor {name!r} has data_offsets {span!r} ({span[1] - span[0]} bytes), but {count} elements "
-            f"of {dtype} (shape {shape}) take {count * _SAFETENSORS_ITEMSIZE[dtype]}"
+            f"of {dtype} (shape {shape}) take {bits / 8:g}"
         )
     return None
 

@@ -60,7 +60,7 @@ CASES: dict[str, tuple[Any, int, str]] = {
     "unknown dtype": (
         {"__metadata__": META, **table(w=("F33", [2], [0, 8]))},
         8,
-        r"tensor 'w' has dtype 'F33', not one of BOOL, U8, .*, F64, I64, U64",
+        r"tensor 'w' has dtype 'F33', not one of BOOL, U8, I8, F4, .*, BF16, I32, U32, F32, C64, F64, I64, U64",
     ),
     "negative dim": (
         {"__metadata__": META, **table(w=("F32", [-2, 1], [0, 8]))},
@@ -220,3 +220,16 @@ def test_agrees_with_safetensors_property(tmp_path_factory: pytest.TempPathFacto
     except SnapshotError:
         ours = False
     assert ours == theirs, header
+
+
+def test_files_of_other_safetensors_dtypes_are_skipped(folder: Path) -> None:
+    """A model file in the folder with dtypes snapshots never hold (complex, 4-bit) is not a snapshot, not an error."""
+    header = {"__metadata__": {"format": "pt"}, **table(z=("C64", [3], [0, 24]), q=("F4", [2, 3], [24, 27]))}
+    write_raw(folder / "model.safetensors", header, 27)
+    assert len(plan(folder, 0.07).snapshots) == len(list(folder.glob("phema-*")))
+
+
+def test_sub_byte_tensor_must_fill_whole_bytes(tmp_path: Path) -> None:
+    path = write_raw(tmp_path / "x.safetensors", table(q=("F4", [3], [0, 2])), 2)
+    with pytest.raises(SnapshotError, match=r"tensor 'q' has data_offsets \[0, 2\] \(2 bytes\), but 3 elements of F4"):
+        read_header(path)
