@@ -241,7 +241,7 @@ def rounding_errors(coefficients: npt.ArrayLike, unit_roundoffs: npt.ArrayLike) 
 
     Example:
         >>> rounding_errors([[2.0], [-1.0]], [2.0**-8, 2.0**-8]).round(5)
-        array([0.00372])
+        array([0.00371])
     """
     weighted = np.asarray(coefficients, dtype=np.float64) * np.asarray(unit_roundoffs, dtype=np.float64)[:, None]
     return np.asarray(_RMS_ROUNDING * np.linalg.norm(weighted, axis=0), dtype=np.float64)
