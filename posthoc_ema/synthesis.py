@@ -228,8 +228,8 @@ def rounding_errors(coefficients: npt.ArrayLike, unit_roundoffs: npt.ArrayLike) 
     the snapshots to be about as large as the target (true of EMAs of one run).
     The roundings of different snapshots are independent unless the snapshots
     hold the same values; the worst case is far too pessimistic for the
-    millions of values of a model (measured errors sit within a factor 1.5 of
-    this RMS), so it is the RMS that is predicted.
+    millions of values of a model (where the rounding dominates, measured
+    errors sit within a factor 1.5 of this RMS), so it is the RMS that is predicted.
 
     Args:
         coefficients: ``[n_snapshots, n_targets]`` weights of a :class:`Plan`.
