@@ -6,6 +6,7 @@ from posthoc_ema.errors import (
     ModelChangedError,
     PoorReconstructionWarning,
     PostHocEMAError,
+    RoundingWarning,
     SnapshotError,
     SnapshotWriteError,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "PoorReconstructionWarning",
     "PostHocEMA",
     "PostHocEMAError",
+    "RoundingWarning",
     "SnapshotError",
     "SnapshotInfo",
     "SnapshotWriteError",

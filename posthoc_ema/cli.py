@@ -236,8 +236,11 @@ def _print_report(the_plan: Plan) -> None:
         if err > ERROR_WARNING_THRESHOLD:
             notes.append("POOR")
         gamma, norm = float(the_plan.gammas[j]), float(the_plan.coefficient_norms[j])
-        rows.append([_fmt(sigma_rel), f"{gamma:.4g}", format_error(err), f"{norm:.4g}", ", ".join(notes)])
-    for line in _table(["sigma_rel", "gamma", "predicted error", "coef norm", ""], rows, "lrrrl"):
+        rounding = format_error(float(the_plan.rounding_errors[j]))
+        rows.append([_fmt(sigma_rel), f"{gamma:.4g}", format_error(err), rounding, f"{norm:.4g}", ", ".join(notes)])
+    stored = "/".join(the_plan.storage_dtypes) or "no floating"
+    header = ["sigma_rel", "gamma", "predicted error", f"{stored} rounding", "coef norm", ""]
+    for line in _table(header, rows, "lrrrrl"):
         typer.echo(line)
 
 

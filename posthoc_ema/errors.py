@@ -15,6 +15,7 @@ __all__ = [
     "ModelChangedError",
     "PoorReconstructionWarning",
     "PostHocEMAError",
+    "RoundingWarning",
     "SnapshotError",
     "SnapshotWriteError",
 ]
@@ -52,3 +53,8 @@ class EvaluationError(PostHocEMAError, RuntimeError):
 
 class PoorReconstructionWarning(UserWarning):
     """The snapshots reproduce a requested profile only roughly (see :attr:`~posthoc_ema.Plan.errors`)."""
+
+
+class RoundingWarning(PoorReconstructionWarning):
+    """The rounding of 16-bit snapshots, amplified by the coefficients, dominates a target's error
+    (see :attr:`~posthoc_ema.Plan.rounding_errors`)."""

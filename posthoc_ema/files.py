@@ -26,13 +26,90 @@ __all__ = ["TMP_SUFFIX", "atomic_path", "read_header", "temporary_name", "write_
 TMP_SUFFIX = ".tmp"
 
 
+#: Bits per element of every dtype the safetensors format defines (``Dtype::bitsize`` in
+#: safetensors/src/tensor.rs of huggingface/safetensors; F4 and F6 pack below a byte), so that the
+#: byte span of any tensor can be checked, even in a file that is not a snapshot.
+_SAFETENSORS_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64,
+    "I64": 64, "U64": 64,
+}  # fmt: skip
+# The largest header read, as safetensors refuses bigger ones (MAX_HEADER_SIZE in safetensors/src/tensor.rs).
+_MAX_HEADER_BYTES = 100_000_000
+
+
+def _is_count(value: object) -> bool:
+    """A non-negative JSON integer (``true`` is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_metadata(meta: object) -> str | None:
+    """What is wrong with a ``__metadata__`` entry, or None: it must map strings to strings."""
+    if not isinstance(meta, dict):
+        return f"__metadata__ is a {type(meta).__name__}, not an object of strings"
+    for key, value in meta.items():
+        if not isinstance(value, str):
+            return f"__metadata__[{key!r}] is {value!r}, not a string"
+    return None
+
+
+def _check_entry(name: str, entry: object) -> str | None:
+    """What is wrong with one tensor's entry on its own, or None."""
+    if not isinstance(entry, dict):
+        return f"tensor {name!r} is {entry!r}, not an object with dtype, shape and data_offsets"
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in entry]
+    if missing:
+        return f"tensor {name!r} lacks {missing[0]!r}"
+    dtype, shape, span = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_BITS:
+        return f"tensor {name!r} has dtype {dtype!r}, not one of {', '.join(_SAFETENSORS_BITS)}"
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        return f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers"
+    if not isinstance(span, list) or len(span) != 2 or not all(_is_count(n) for n in span) or span[0] > span[1]:
+        return f"tensor {name!r} has data_offsets {span!r}, not [start, end] with 0 <= start <= end"
+    count = 1
+    for n in shape:
+        count *= n
+    bits = count * _SAFETENSORS_BITS[dtype]
+    if bits % 8 or span[1] - span[0] != bits // 8:
+        return (
+            f"tensor {name!r} has data_offsets {span!r} ({span[1] - span[0]} bytes), but {count} elements "
+            f"of {dtype} (shape {shape}) take {bits / 8:g}"
+        )
+    return None
+
+
+def _check_spans(table: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """What is wrong with the tensors' byte spans together, or None: in order of offset, each starts where
+    the previous one ends, from 0, so that they tile the data section without gap or overlap (as
+    ``Metadata::validate`` in safetensors/src/tensor.rs requires)."""
+    end, previous = 0, None
+    for name, entry in sorted(table.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        start, stop = entry["data_offsets"]
+        if start != end:
+            relation = "overlaps" if start < end else "leaves a gap after"
+            where = f"tensor {previous!r} (which ends at {end})" if previous is not None else "the data start (0)"
+            return f"tensor {name!r} starts at byte {start}: it {relation} {where}"
+        end, previous = stop, name
+    return None
+
+
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
-    """Metadata and tensor table (dtype, shape, offsets) of a safetensors file, checked against its size.
+    """Metadata and tensor table (dtype, shape, offsets) of a safetensors file, checked as safetensors checks it.
 
     Each table entry gains ``"offset"``, the absolute position of its data in the file.
 
-    Reads only the header. Raises :class:`SnapshotError` naming the file when the
-    header is malformed or the file is shorter than the header says (a truncated write).
+    Reads only the header, and validates it the way the safetensors library
+    does (``Metadata::validate`` in safetensors/src/tensor.rs of huggingface/safetensors):
+    the header is a JSON object; ``__metadata__``, when present, maps strings to
+    strings; every other entry is an object with a known ``dtype``, a ``shape``
+    of non-negative integers and ``data_offsets`` ``[start, end]`` spanning
+    exactly ``itemsize * prod(shape)`` bytes; in order of offset the spans tile
+    the data section from its start without gap or overlap, and end where the file ends.
+
+    Raises:
+        SnapshotError: naming the file and the faulty field, when the header is
+            malformed, or the file is shorter or longer than the header says (a truncated write).
     """
     path = Path(path)
     try:
@@ -46,22 +123,31 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str,
                 raise SnapshotError(
                     f"{path}: truncated or not a safetensors file (header of {header_len} bytes in a file of {size})"
                 )
+            if header_len > _MAX_HEADER_BYTES:
+                raise SnapshotError(
+                    f"{path}: not a safetensors file (a header of {header_len} bytes; at most {_MAX_HEADER_BYTES})"
+                )
             header = json.loads(f.read(header_len))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SnapshotError(f"{path}: unreadable safetensors header ({err})") from None
     if not isinstance(header, dict):
-        raise SnapshotError(f"{path}: malformed safetensors header")
-    meta = header.pop("__metadata__", None) or {}
-    try:
-        end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise SnapshotError(f"{path}: malformed safetensors header") from None
-    for t in header.values():
-        t["offset"] = 8 + header_len + int(t["data_offsets"][0])
+        problem: str | None = f"the header is a JSON {type(header).__name__}, not an object"
+    else:
+        # A null __metadata__ is no metadata, as in safetensors (an optional field).
+        meta = header.pop("__metadata__", None)
+        meta = {} if meta is None else meta
+        problem = _check_metadata(meta)
+        problem = problem or next(filter(None, (_check_entry(name, t) for name, t in header.items())), None)
+        problem = problem or _check_spans(header)
+    if problem is not None:
+        raise SnapshotError(f"{path}: malformed safetensors header: {problem}")
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + header_len + end != size:
         raise SnapshotError(
             f"{path}: truncated or corrupt: the header describes {8 + header_len + end} bytes, the file has {size}"
         )
+    for t in header.values():
+        t["offset"] = 8 + header_len + t["data_offsets"][0]
     return meta, header
 
 

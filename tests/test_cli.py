@@ -99,8 +99,8 @@ def test_one_target_default_name_loads_strictly_with_metadata(run_dir: Path, in_
     assert meta["dtype"] == "float32"
     lines = stdout.splitlines()
     assert lines[0] == f"reconstructing step {LAST} from 24 snapshots (steps 50..{LAST}, sigma_rels 0.05, 0.1)"
-    assert lines[1].split() == ["sigma_rel", "gamma", "predicted", "error", "coef", "norm"]
-    numbers = [f"{p.gammas[0]:.4g}", f"{p.errors[0]:.2%}", f"{p.coefficient_norms[0]:.4g}"]
+    assert lines[1].split() == ["sigma_rel", "gamma", "predicted", "error", "float32", "rounding", "coef", "norm"]
+    numbers = [f"{p.gammas[0]:.4g}", f"{p.errors[0]:.2%}", "<0.01%", f"{p.coefficient_norms[0]:.4g}"]
     assert lines[2].split() == ["0.07", *numbers]
     assert lines[-1] == f"wrote {name}"
 
@@ -201,7 +201,7 @@ def test_dry_run_prints_the_plan_and_reads_no_tensor(
     assert stderr == ""
     p = plan(run_dir, [0.07, 0.2])
     lines = stdout.splitlines()
-    numbers = [f"{p.gammas[1]:.4g}", f"{p.errors[1]:.2%}", f"{p.coefficient_norms[1]:.4g}"]
+    numbers = [f"{p.gammas[1]:.4g}", f"{p.errors[1]:.2%}", "<0.01%", f"{p.coefficient_norms[1]:.4g}"]
     assert lines[3].split() == ["0.2", *numbers, "outside", "the", "tracked", "range"]
     table = lines[lines.index("coefficients (a column per target, summing to 1; a row per snapshot):") + 1 :]
     assert table[0].split() == ["step", "sigma_rel", "0.07", "0.2"]

@@ -1,0 +1,157 @@
+"""The synthesis reader (issue 7, portability): short reads are retried, and without os.preadv
+(Windows) the seek + readinto path gives the same bytes."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_walk_run, write_snapshot
+from safetensors import safe_open
+
+from posthoc_ema import SnapshotError, plan, synthesis, synthesize_many
+from posthoc_ema.synthesis import run
+
+TARGETS = (0.06, 0.07, 0.12)
+
+
+@pytest.fixture(scope="module")
+def float32_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tracker-written float32 snapshots: one run of bytes per file (the single-read path)."""
+    return random_walk_run(tmp_path_factory.mktemp("f32"), steps=40, every=10)
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Snapshots mixing float64, float32 and bfloat16 tensors (the per-tensor path)."""
+    folder = tmp_path_factory.mktemp("mixed")
+    generator = torch.Generator().manual_seed(1)
+    for step in (10, 20, 30, 40):
+        for sigma_rel in (0.05, 0.1):
+            tensors = {
+                "a": torch.randn(5, 7, generator=generator, dtype=torch.float64),
+                "b": torch.randn(33, generator=generator),
+                "c": torch.randn(3, 11, generator=generator).to(torch.bfloat16),
+                "n": torch.tensor(step),
+            }
+            write_snapshot(folder, step, sigma_rel, tensors)
+    return folder
+
+
+@pytest.fixture(params=["float32_run", "mixed_run"])
+def folder(request: pytest.FixtureRequest) -> Path:
+    return Path(request.getfixturevalue(request.param))
+
+
+@pytest.fixture(params=[False, True], ids=["one chunk", "small chunks"])
+def chunking(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.param:  # chunks of 7 elements: reads start and end inside tensors
+        monkeypatch.setattr(synthesis, "_MIN_READ", 7)
+        monkeypatch.setattr(synthesis, "_CHUNK_BYTES", 8)
+
+
+class Counter:
+    calls = 0
+
+
+def short_preadv(counter: type[Counter]):  # type: ignore[no-untyped-def]
+    """An os.preadv that returns at most a third of what is asked (at least 1 byte), as NFS or FUSE may."""
+    real = os.preadv
+
+    def preadv(fd: int, buffers: list[memoryview], position: int) -> int:
+        counter.calls += 1
+        (buffer,) = buffers
+        return real(fd, [buffer[: max(1, buffer.nbytes // 3)]], position)
+
+    return preadv
+
+
+class ShortFileIO(io.FileIO):
+    """A file whose readinto returns at most 5 bytes."""
+
+    calls = 0
+
+    def readinto(self, buffer):  # type: ignore[no-untyped-def,override]
+        ShortFileIO.calls += 1
+        return super().readinto(memoryview(buffer).cast("B")[:5])
+
+
+def same(a: dict[float, dict[str, torch.Tensor]], b: dict[float, dict[str, torch.Tensor]]) -> None:
+    assert a.keys() == b.keys()
+    for target in a:
+        assert a[target].keys() == b[target].keys()
+        for name in a[target]:
+            assert torch.equal(
+                a[target][name].reshape(-1).view(torch.uint8), b[target][name].reshape(-1).view(torch.uint8)
+            )
+
+
+def reference(folder: Path) -> dict[float, dict[str, np.ndarray]]:
+    """The targets in float64 from the coefficients and every snapshot loaded whole by safetensors."""
+    the_plan = plan(folder, TARGETS)
+    loaded = []
+    for info in the_plan.snapshots:
+        with safe_open(info.path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a mapping)
+        loaded.append({k: t.double().numpy() for k, t in tensors.items() if t.is_floating_point()})
+    weights = the_plan.coefficients
+    return {
+        s: {k: sum(c * sd[k] for c, sd in zip(weights[:, j], loaded, strict=True)) for k in loaded[0]}
+        for j, s in enumerate(the_plan.sigma_rels)
+    }
+
+
+@pytest.mark.usefixtures("chunking")
+def test_fast_path_matches_float64_reference(folder: Path) -> None:
+    result = synthesize_many(folder, TARGETS)
+    for target, tensors in reference(folder).items():
+        for name, expected in tensors.items():
+            np.testing.assert_allclose(result[target][name].double().numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.usefixtures("chunking")
+def test_short_reads_are_retried(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = synthesize_many(folder, TARGETS)
+    Counter.calls = 0
+    monkeypatch.setattr(os, "preadv", short_preadv(Counter))
+    same(synthesize_many(folder, TARGETS), expected)
+    assert Counter.calls >= 3 * len(plan(folder, TARGETS).snapshots)  # the fake did cut reads short
+
+
+@pytest.mark.usefixtures("chunking")
+def test_without_preadv(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = synthesize_many(folder, TARGETS)
+    monkeypatch.delattr(os, "preadv")
+    same(synthesize_many(folder, TARGETS), expected)
+
+
+@pytest.mark.usefixtures("chunking")
+def test_without_preadv_and_short_reads(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = synthesize_many(folder, TARGETS)
+    monkeypatch.delattr(os, "preadv")
+    monkeypatch.setattr(synthesis, "_RawFile", ShortFileIO)
+    ShortFileIO.calls = 0
+    same(synthesize_many(folder, TARGETS), expected)
+    assert ShortFileIO.calls > len(plan(folder, TARGETS).snapshots)
+
+
+@pytest.mark.parametrize("has_preadv", [True, False])
+def test_file_cut_after_planning(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, has_preadv: bool
+) -> None:
+    """A file that shrinks between plan() and run() is named as truncated, on either path."""
+    if not has_preadv:
+        monkeypatch.delattr(os, "preadv")
+    the_plan = plan(folder, TARGETS)
+    victim = the_plan.snapshots[-2].path
+    data = victim.read_bytes()
+    try:
+        victim.write_bytes(data[:-12])
+        with pytest.raises(SnapshotError, match=f"{victim}: file ended while reading .*; it is truncated"):
+            run(the_plan)
+    finally:
+        victim.write_bytes(data)
