@@ -334,13 +334,14 @@ def _gram_matvec(grid: _Grid, x: FloatArray) -> FloatArray:
     g = grid.gammas
     per_cell = _by_cell(grid, x)  # [M, K_a, n_out]
     extra = (1,) * (x.ndim - 1)
+    log_ratio = np.concatenate([[0.0], grid.log_ratio[1:]])  # row 0 has no predecessor (and gamma may be 0)
     # Sums over earlier-or-equal steps, decayed by the exponent of the output class b: [M, K_b, K_a, ...].
-    log_lower = grid.log_ratio.reshape(-1, 1, 1, *extra) * g.reshape(1, -1, 1, *extra)
+    log_lower = log_ratio.reshape(-1, 1, 1, *extra) * g.reshape(1, -1, 1, *extra)
     lower = _decayed_cumsum(
         log_lower, np.broadcast_to(per_cell[:, None], (per_cell.shape[0], g.size, *per_cell.shape[1:]))
     )
     # Sums over strictly later steps, decayed by the exponent + 1 of their own class a.
-    log_upper = grid.log_ratio.reshape(-1, 1, *extra) * (g.reshape(1, -1, *extra) + 1)
+    log_upper = log_ratio.reshape(-1, 1, *extra) * (g.reshape(1, -1, *extra) + 1)
     # Run backwards: inclusive[m] = per_cell[m] + (T_m/T_(m+1))**(g_a+1) inclusive[m+1].
     backwards = np.concatenate([log_upper[:1], log_upper[1:][::-1]])
     inclusive = _decayed_cumsum(backwards, per_cell[::-1])[::-1]
