@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 import scipy.linalg
+import scipy.sparse
+import scipy.sparse.linalg
 
 __all__ = [
     "MAX_SIGMA_REL",
@@ -259,6 +261,7 @@ def _lstsq(gram: FloatArray, rhs: FloatArray) -> FloatArray:
 # A combination sum_(j,a) v_(j,a) e_(j,a) equals sum_(k,a) c_(k,a) f_(T_k, g_a) with the
 # telescoped weights c_(k,a) = v_(k,a) - (T_k/T_(k+1))**(g_a+1) v_(k+1,a) (v_(M+1) = 0).
 
+_DENSE_MAX = 2000  # irregular sets up to this many distinct snapshots take the dense solve
 _CUTOFF = 1e-14  # eigenvalues below this fraction of the largest are float64 noise
 _MAX_LOG_SPAN = 500.0  # exp(+-500) is far from overflow and from subnormals
 
@@ -273,6 +276,7 @@ class _Grid:
     cell_index: IntArray  # [n] position of each snapshot's (step, gamma) among the occupied cells
     multiplicity: IntArray  # [n_cells] snapshots in each occupied cell
     regular: bool  # every class has a snapshot at every step
+    occupied: npt.NDArray[np.bool_]  # [M, K] whether class a has a snapshot at step j
     log_ratio: FloatArray  # [M] log(T_(j-1) / T_j), with T_0 = 0
 
     def __init__(self, steps: FloatArray, gammas: FloatArray) -> None:
@@ -283,6 +287,8 @@ class _Grid:
         cells, cell_index, self.multiplicity = np.unique(cell, return_inverse=True, return_counts=True)
         self.cell_index = cell_index.reshape(-1)
         self.regular = cells.size == self.steps.size * self.gammas.size
+        self.occupied = np.zeros((self.steps.size, self.gammas.size), dtype=bool)
+        self.occupied.reshape(-1)[cells] = True
         self.log_ratio = np.concatenate([[-np.inf], np.log(self.steps[:-1] / self.steps[1:])])
 
 
@@ -412,6 +418,69 @@ def _solve_intervals(grid: _Grid, moments: FloatArray, target_sq: FloatArray) ->
     return coef, projected_sq
 
 
+def _solve_cells(
+    grid: _Grid, target_sq: FloatArray, *, moments: FloatArray | None, cross: FloatArray | None
+) -> tuple[FloatArray, FloatArray]:
+    """Weights per occupied (step, class) cell ``[n_cells, n_out]``, unnormalised, and their squared errors.
+
+    For snapshots on any set of steps: class ``a`` with snapshots at ``s_1 < ... < s_n``
+    spans the functions ``t**g_a`` times a constant on each of its own cells
+    ``(s_(i-1), s_i]``. Cells of one class are disjoint, cells of two classes overlap on
+    a run of union intervals, so the normal equations in the cell basis (each cell's
+    function is ``f_(s_i, g_a)`` restricted to the cell) are sparse, ``O(M K**2)``
+    entries. They are scaled to unit diagonal and solved by sparse LU with a ridge of
+    ``1e-13``, which, like the eigenvalue cutoff of the dense solve, keeps directions
+    below float64 resolution from amplifying noise.
+    """
+    n_steps, n_classes = grid.occupied.shape
+    log_t = np.log(grid.steps)
+    cell_number = np.full((n_steps, n_classes), -1)
+    cell_number[grid.occupied] = np.arange(int(grid.occupied.sum()))
+    # The cell that covers interval j for class a: its next snapshot at or after T_j.
+    rows = np.arange(n_steps)[:, None]
+    owner = np.minimum.accumulate(np.where(grid.occupied, rows, n_steps)[::-1], axis=0)[::-1]  # [M, K]
+    covered = owner < n_steps
+    owner_safe = np.where(covered, owner, 0)
+    # e_cell restricted to interval j is (T_j / s)**(g_a + 1) times the interval basis e_(j,a).
+    factor = np.where(covered, np.exp((grid.gammas[None, :] + 1) * (log_t[:, None] - log_t[owner_safe])), 0.0)
+    cell_of = np.where(covered, cell_number[owner_safe, np.arange(n_classes)[None, :]], 0)
+    n_cells = int(grid.occupied.sum())
+    interval_gram = _interval_gram(grid)
+    j, a, b = np.nonzero(covered[:, :, None] & covered[:, None, :])
+    values = factor[j, a] * factor[j, b] * interval_gram[j, a, b]
+    normal = scipy.sparse.csr_matrix((values, (cell_of[j, a], cell_of[j, b])), shape=(n_cells, n_cells))
+    if moments is not None:
+        rhs = np.zeros((n_cells, moments.shape[2]))
+        jj, aa = np.nonzero(covered)
+        np.add.at(rhs, cell_of[jj, aa], factor[jj, aa, None] * moments[jj, aa])
+    else:
+        assert cross is not None
+        # <e_cell, h> = <f_(s_i), h> - (s_(i-1)/s_i)**(g+1) <f_(s_(i-1)), h> within each class.
+        per_cell = np.zeros((n_cells, cross.shape[1]))
+        per_cell[cell_number[grid.step_index[::-1], grid.class_index[::-1]]] = cross[::-1]
+        rhs = per_cell.copy()
+        steps_of, classes_of = np.nonzero(grid.occupied)  # in cell order, class-major within a step
+        for klass in range(n_classes):
+            mine = np.flatnonzero(classes_of == klass)
+            ratio = (grid.gammas[klass] + 1) * (log_t[steps_of[mine[:-1]]] - log_t[steps_of[mine[1:]]])
+            rhs[mine[1:]] -= np.exp(ratio)[:, None] * per_cell[mine[:-1]]
+    d = 1.0 / np.sqrt(normal.diagonal())
+    scaled = scipy.sparse.diags(d) @ normal @ scipy.sparse.diags(d) + 1e-13 * scipy.sparse.identity(n_cells)
+    local = d[:, None] * scipy.sparse.linalg.splu(scaled.tocsc()).solve(d[:, None] * rhs)
+    # Telescope within each class to snapshot weights: c_i = v_i - (s_i/s_(i+1))**(g+1) v_(i+1).
+    coef = local.copy()
+    steps_of, classes_of = np.nonzero(grid.occupied)
+    for klass in range(n_classes):
+        mine = np.flatnonzero(classes_of == klass)
+        ratio = (grid.gammas[klass] + 1) * (log_t[steps_of[mine[:-1]]] - log_t[steps_of[mine[1:]]])
+        coef[mine[:-1]] -= np.exp(ratio)[:, None] * local[mine[1:]]
+    total = coef.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = local / total
+        sq = np.einsum("co,co->o", v, normal @ v) - 2 * np.einsum("co,co->o", v, rhs) + target_sq
+    return coef, sq
+
+
 def _solve_targets(
     steps: FloatArray,
     gammas: FloatArray,
@@ -436,7 +505,8 @@ def _solve_targets(
             that is ``(g_a + 1) / T_j * integral (t/T_j)**g_a h(t) dt`` (the snapshot profile
             restricted to its last interval).
         cross: ``[n, n_out]`` inner products ``<f_(steps[i], gammas[i]), h>`` (EDM2's
-            ``p_dot_p`` of a snapshot with the target). Give this or ``moments``.
+            ``p_dot_p`` of a snapshot with the target). Give this or ``moments``, or both
+            (each path uses the one it needs without conversion).
 
     Returns:
         ``(coef, errors)``: ``[n, n_out]`` weights normalised so each column sums to 1,
@@ -447,18 +517,20 @@ def _solve_targets(
     When every class has a snapshot at every step (the tracker's layout; repeated
     snapshots are allowed), the problem splits into one ``K x K`` problem per interval:
     ``O(M K**3)`` time and ``O(M K**2)`` memory. Otherwise it falls back to the dense
-    Gram matrix (``O(n**3)``, as EDM2's Algorithm 3). Repeated (step, gamma) snapshots
+    Gram matrix (``O(n**3)``, as EDM2's Algorithm 3) up to 2,000 distinct snapshots, and
+    beyond that to sparse normal equations over each class's own cells (see
+    :func:`_solve_cells`), whose size grows linearly. Repeated (step, gamma) snapshots
     share their weight equally, the minimum-norm solution the dense solve also finds.
     ``moments`` and ``cross`` are converted into each other as needed (``cross`` from
     ``moments`` by a stable decayed running sum; ``moments`` from ``cross`` by differences,
     which loses the accuracy of a moment much smaller than its snapshot's cross product).
     """
-    if (moments is None) == (cross is None):
-        raise TypeError("give exactly one of moments and cross")
+    if moments is None and cross is None:
+        raise TypeError("give moments or cross (or both)")
     grid = _Grid(steps, gammas)
     if grid.regular:
         if moments is None:
-            assert cross is not None
+            assert cross is not None  # for mypy: checked above
             moments = _moments_from_cross(grid, cross)
         per_cell, projected_sq = _solve_intervals(grid, moments, target_sq)
         total = per_cell.sum(axis=(0, 1))
@@ -467,6 +539,10 @@ def _solve_targets(
         # ||v / s - h||**2 with <v, h> = ||v||**2 = projected_sq for the projection v.
         with np.errstate(divide="ignore", invalid="ignore"):
             sq = target_sq - (2.0 / total - 1.0 / total**2) * projected_sq
+    elif grid.multiplicity.size > _DENSE_MAX:
+        per_cell, sq = _solve_cells(grid, target_sq, moments=moments, cross=cross)
+        total = per_cell.sum(axis=0)
+        coef = per_cell[grid.cell_index] / grid.multiplicity[grid.cell_index, None]
     else:
         if cross is None:
             assert moments is not None
@@ -551,7 +627,7 @@ def solve_coefficients(
         )
     target_sq = profile_inner_product(out_t, out_gammas, out_t, out_gammas)
     grid = _Grid(steps[used], gammas[used])
-    moments = _power_moments(grid, out_t, out_gammas) if grid.regular else None
+    moments = _power_moments(grid, out_t, out_gammas)
     cross = None if grid.regular else _power_cross(steps[used], gammas[used], out_t, out_gammas)
     coef, _ = _solve_targets(steps[used], gammas[used], target_sq, moments=moments, cross=cross)
     # A narrow target far after the last snapshot overlaps none of them in float64:
