@@ -600,6 +600,12 @@ def solve_coefficients(
     normalises each column to sum to 1 so a constant trajectory is reproduced
     exactly.
 
+    When every sigma_rel has a snapshot at every snapshot step (the tracker's
+    layout), the problem splits into one small least-squares problem per interval
+    between consecutive steps, in time linear in the number of snapshots; other
+    sets use the dense Gram matrix up to 2,000 snapshots and sparse normal
+    equations beyond (see ``_solve_targets``).
+
     Args:
         in_steps: step of each snapshot; broadcast against ``in_sigma_rels``.
         in_sigma_rels: sigma_rel of each snapshot.
@@ -657,6 +663,9 @@ def reconstruction_error(
     Computed from inner products alone (the Gram matrix, the snapshot-target
     products and ``<f, f>``), so it needs no tensors: it says how far the weights
     of a synthesized EMA are from the requested profile, before anything is read.
+    The Gram matrix is never formed: its product with the weights comes from
+    running sums over the sorted steps, in time and memory linear in the number
+    of snapshots, for any weights and any set of snapshots.
 
     Args:
         coefficients: ``[n_in, n_out]`` weights, as from :func:`solve_coefficients`.
