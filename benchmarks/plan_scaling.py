@@ -14,7 +14,7 @@ the fallback for irregular folders. "new" is ``solve_coefficients`` followed by
 both run, the table gives the largest difference of their coefficients, and the
 largest change of a predicted error from old to new (negative: the new fit is
 better). The "one missing" rows drop one snapshot, so the grid is no longer regular:
-up to 2,000 snapshots the new code solves them densely (only the error uses the O(n)
+up to 500 snapshots the new code solves them densely (only the error uses the O(n)
 Gram product), beyond that by sparse normal equations over each class's own cells.
 
 BLAS runs on one thread (``OMP_NUM_THREADS`` etc. default to 1; set them to change
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (the minimum is shown)")
     args = parser.parse_args()
 
-    sizes = [500, 1000, 2000, 4000, 6000, 10_000, 20_000, 50_000, 100_000]
+    sizes = [400, 1000, 2000, 4000, 6000, 10_000, 20_000, 50_000, 100_000]
     rows = []
     for n_classes in (2, 4):
         for irregular in (False, True):

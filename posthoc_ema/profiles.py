@@ -261,7 +261,7 @@ def _lstsq(gram: FloatArray, rhs: FloatArray) -> FloatArray:
 # A combination sum_(j,a) v_(j,a) e_(j,a) equals sum_(k,a) c_(k,a) f_(T_k, g_a) with the
 # telescoped weights c_(k,a) = v_(k,a) - (T_k/T_(k+1))**(g_a+1) v_(k+1,a) (v_(M+1) = 0).
 
-_DENSE_MAX = 2000  # irregular sets up to this many distinct snapshots take the dense solve
+_DENSE_MAX = 500  # irregular sets up to this many distinct snapshots take the dense solve
 _CUTOFF = 1e-14  # eigenvalues below this fraction of the largest are float64 noise
 _MAX_LOG_SPAN = 500.0  # exp(+-500) is far from overflow and from subnormals
 
@@ -517,7 +517,7 @@ def _solve_targets(
     When every class has a snapshot at every step (the tracker's layout; repeated
     snapshots are allowed), the problem splits into one ``K x K`` problem per interval:
     ``O(M K**3)`` time and ``O(M K**2)`` memory. Otherwise it falls back to the dense
-    Gram matrix (``O(n**3)``, as EDM2's Algorithm 3) up to 2,000 distinct snapshots, and
+    Gram matrix (``O(n**3)``, as EDM2's Algorithm 3) up to 500 distinct snapshots, and
     beyond that to sparse normal equations over each class's own cells (see
     :func:`_solve_cells`), whose size grows linearly. Repeated (step, gamma) snapshots
     share their weight equally, the minimum-norm solution the dense solve also finds.
@@ -603,7 +603,7 @@ def solve_coefficients(
     When every sigma_rel has a snapshot at every snapshot step (the tracker's
     layout), the problem splits into one small least-squares problem per interval
     between consecutive steps, in time linear in the number of snapshots; other
-    sets use the dense Gram matrix up to 2,000 snapshots and sparse normal
+    sets use the dense Gram matrix up to 500 snapshots and sparse normal
     equations beyond (see ``_solve_targets``).
 
     Args:
