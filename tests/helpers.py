@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from typer.testing import CliRunner
 
 from posthoc_ema import PostHocEMA, cli, sigma_rel_to_gamma
 from posthoc_ema._version import __version__
 from posthoc_ema.snapshots import SnapshotInfo, snapshot_name, write_atomic
+
+
+def reference_gamma(sigma_rel: float) -> float:
+    """EDM2 eq. 126 by ``numpy.roots``, independent of the library's closed form: the largest
+    real root of g^3 + 7g^2 + (16 - s^-2) g + (12 - s^-2) (finite for sigma_rel >= 1e-150)."""
+    c = sigma_rel**-2.0
+    roots = np.roots([1.0, 7.0, 16.0 - c, 12.0 - c])
+    # The imaginary-part test is relative: for small widths the roots are of order 1/sigma_rel.
+    real = roots[np.abs(roots.imag) <= 1e-9 * np.abs(roots)].real
+    return float(real.max())
 
 
 def write_snapshot(folder: Path, step: int, sigma_rel: float, tensors: dict[str, torch.Tensor], name: str = "") -> Path:

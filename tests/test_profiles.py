@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import scipy.integrate
 import scipy.linalg
+from helpers import reference_gamma
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -36,14 +37,6 @@ from posthoc_ema.profiles import (
 )
 
 # -- independent references ------------------------------------------------------
-
-
-def gamma_by_roots(sigma_rel: float) -> float:
-    """EDM2 eq. 126: the largest real root of g^3 + 7g^2 + (16 - s^-2) g + (12 - s^-2)."""
-    c = sigma_rel**-2.0
-    roots = np.roots([1.0, 7.0, 16.0 - c, 12.0 - c])
-    real = roots[np.abs(roots.imag) <= 1e-9 * np.abs(roots)].real
-    return float(real.max())
 
 
 def profile_at(t: float, step: float, gamma: float) -> float:
@@ -108,8 +101,8 @@ class DenseProblem:
     def __init__(self, in_steps, in_sigma_rels, out_step, out_sigma_rels, *, nodes: int = 16, refine: bool = True):
         self.steps, sigmas = (np.ravel(a).astype(np.float64) for a in np.broadcast_arrays(in_steps, in_sigma_rels))
         self.out_step = float(out_step)
-        gammas = np.array([gamma_by_roots(s) for s in sigmas])
-        out_gammas = np.array([gamma_by_roots(s) for s in np.ravel(out_sigma_rels)])
+        gammas = np.array([reference_gamma(s) for s in sigmas])
+        out_gammas = np.array([reference_gamma(s) for s in np.ravel(out_sigma_rels)])
         sharpness = 2 * max(gammas.max(), out_gammas.max()) if refine else 0.0
         self.t, self.w = time_grid(np.concatenate([self.steps, [self.out_step]]), nodes, sharpness=sharpness)
         self.a = profiles_on(self.t, self.steps, gammas)
@@ -171,7 +164,7 @@ def snapshot_problems(draw, max_snapshots: int = 10):
     # Each target must put some mass (here > 1e-100) where the snapshots are; with
     # none at all in float64 there is nothing to fit (a ValueError, see BAD_ARGUMENTS).
     latest = max(s for s in steps if s <= out_step)
-    assume(all((gamma_by_roots(s) + 1) * math.log(out_step / latest) < 230 for s in out_sigmas))
+    assume(all((reference_gamma(s) + 1) * math.log(out_step / latest) < 230 for s in out_sigmas))
     return steps, sigmas, out_step, out_sigmas
 
 
@@ -181,7 +174,7 @@ def snapshot_problems(draw, max_snapshots: int = 10):
 def check_gamma(sigma_rel: float) -> None:
     gamma = float(sigma_rel_to_gamma(sigma_rel))
     if sigma_rel >= 1e-150:  # s^-2 is finite, numpy.roots can take the cubic as written
-        expected = gamma_by_roots(sigma_rel)
+        expected = reference_gamma(sigma_rel)
         assert gamma == pytest.approx(expected, rel=1e-13, abs=1e-13)
     else:  # gamma = 1/s - 3 + O(s) for small widths (eq. 123 expanded in 1/gamma)
         assert gamma == pytest.approx(1 / sigma_rel - 3, rel=1e-15)
@@ -205,7 +198,7 @@ def test_sigma_rel_to_gamma_near_the_uniform_average():
     for sigma_rel in [np.nextafter(MAX_SIGMA_REL, 0), MAX_SIGMA_REL * (1 - 1e-12), MAX_SIGMA_REL * (1 - 1e-6)]:
         gamma = float(sigma_rel_to_gamma(sigma_rel))
         assert 0 <= gamma < 1e-4
-        assert gamma == pytest.approx(gamma_by_roots(sigma_rel), abs=1e-14)
+        assert gamma == pytest.approx(reference_gamma(sigma_rel), abs=1e-14)
 
 
 def test_paper_values():
@@ -329,7 +322,7 @@ def gram_of(steps: np.ndarray, gammas: np.ndarray) -> np.ndarray:
 def test_gram_matrix_is_positive_semidefinite(snapshots):
     # Inner products of functions: any Gram matrix is symmetric PSD.
     steps = np.array([s for s, _ in snapshots], dtype=np.float64)
-    gammas = np.array([gamma_by_roots(s) for _, s in snapshots])
+    gammas = np.array([reference_gamma(s) for _, s in snapshots])
     gram = gram_of(steps, gammas)
     np.testing.assert_allclose(gram, gram.T, rtol=1e-14)
     d = 1 / np.sqrt(np.diag(gram))
@@ -461,7 +454,7 @@ def test_hundreds_of_snapshots(n_steps, condition):
     steps = np.repeat(np.round(np.linspace(1000, 512_000, n_steps)), 2)
     sigmas = np.tile([0.05, 0.10], n_steps)
     targets = [0.03, 0.07, 0.15, 0.25]
-    gammas = np.array([gamma_by_roots(0.05), gamma_by_roots(0.10)] * n_steps)
+    gammas = np.array([reference_gamma(0.05), reference_gamma(0.10)] * n_steps)
     corners = [0, 1, -2, -1]
     by_quad = [[inner_product_by_quad(steps[i], gammas[i], steps[j], gammas[j]) for j in corners] for i in corners]
     np.testing.assert_allclose(gram_of(steps[corners], gammas[corners]), by_quad, rtol=1e-9)

@@ -17,9 +17,9 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import reference_gamma
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -32,13 +32,6 @@ METADATA_KEYS = {
     "format", "format_version", "step", "sigma_rel", "gamma", "dtype", "update_every", "library_version", "run_id",
     "prefix",
 }  # fmt: skip
-
-
-def gamma_of(sigma_rel: float) -> float:
-    """EDM2 eq. 126 by numpy.roots."""
-    c = sigma_rel**-2.0
-    roots = np.roots([1.0, 7.0, 16.0 - c, 12.0 - c])
-    return float(roots[np.abs(roots.imag) < 1e-9].real.max())
 
 
 class Net(torch.nn.Module):
@@ -91,7 +84,7 @@ def test_metadata_describes_the_snapshot(tmp_path, make_tracker, snapshot_dtype,
         assert meta["prefix"] == "phema"
         sigma_rel = float(meta["sigma_rel"])
         assert sigma_rel in (0.05, 0.10)
-        assert float(meta["gamma"]) == pytest.approx(gamma_of(sigma_rel), rel=1e-12)
+        assert float(meta["gamma"]) == pytest.approx(reference_gamma(sigma_rel), rel=1e-12)
         seen.add((int(meta["step"]), sigma_rel))
         info = read_info(path)
         assert (info.step, info.sigma_rel, info.dtype, info.update_every, info.run_id, info.prefix) == (

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import write_snapshot
+from helpers import reference_gamma, write_snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -40,13 +40,6 @@ LAST, MID, EVERY = 2000, 1000, 100
 # -- an independent reference: EDM2's formulas, written out ------------------------
 
 
-def ref_gamma(sigma_rel: float) -> float:
-    """EDM2 eq. 126: the largest real root of the cubic, by numpy's companion-matrix solver."""
-    c = sigma_rel**-2
-    roots = np.roots([1.0, 7.0, 16.0 - c, 12.0 - c])
-    return float(max(r.real for r in roots if abs(r.imag) < 1e-7))
-
-
 def ref_p_dot_p(t_a, g_a, t_b, g_b):
     """<f_a, f_b> as the integral over (0, min(t_a, t_b)] of the two power profiles (EDM2 eq. 121).
 
@@ -61,8 +54,8 @@ def ref_p_dot_p(t_a, g_a, t_b, g_b):
 def ref_coefficients(steps, sigma_rels, out_step, targets):
     """EDM2 Algorithm 3: lstsq on the Gram matrix of the snapshot profiles, then columns normalised to sum 1."""
     t = np.asarray(steps, dtype=np.float64)[:, None]
-    g = np.array([ref_gamma(s) for s in sigma_rels])[:, None]
-    g_out = np.array([ref_gamma(s) for s in targets])[None, :]
+    g = np.array([reference_gamma(s) for s in sigma_rels])[:, None]
+    g_out = np.array([reference_gamma(s) for s in targets])[None, :]
     gram = ref_p_dot_p(t, g, t.T, g.T)
     cross = ref_p_dot_p(t, g, float(out_step), g_out)
     x = np.linalg.lstsq(gram, cross, rcond=None)[0]
@@ -72,8 +65,8 @@ def ref_coefficients(steps, sigma_rels, out_step, targets):
 def ref_error(coef, steps, sigma_rels, out_step, targets):
     """Relative L2 distance between the reconstructed and the target profiles, by the reference formulas."""
     t = np.asarray(steps, dtype=np.float64)[:, None]
-    g = np.array([ref_gamma(s) for s in sigma_rels])[:, None]
-    g_out = np.array([ref_gamma(s) for s in targets])
+    g = np.array([reference_gamma(s) for s in sigma_rels])[:, None]
+    g_out = np.array([reference_gamma(s) for s in targets])
     gram = ref_p_dot_p(t, g, t.T, g.T)
     cross = ref_p_dot_p(t, g, float(out_step), g_out[None, :])
     norm2 = ref_p_dot_p(float(out_step), g_out, float(out_step), g_out)
@@ -83,7 +76,7 @@ def ref_error(coef, steps, sigma_rels, out_step, targets):
 
 def profile_mass(step, sigma_rel, lo, hi):
     """Mass of the profile of ``sigma_rel`` read at ``step`` over (lo, hi], for hi <= step (EDM2 eq. 121)."""
-    g = ref_gamma(sigma_rel) + 1
+    g = reference_gamma(sigma_rel) + 1
     return (np.asarray(hi, dtype=np.float64) ** g - np.asarray(lo, dtype=np.float64) ** g) / float(step) ** g
 
 
@@ -177,7 +170,7 @@ def error_bound(run: Run, target: float, step: int, predicted: float) -> np.ndar
     ``||f||^2 = (g+1)^2 / ((2g+1) T)`` (EDM2 eq. 121); any constant c may be taken
     out of the trajectory w because both profiles have unit mass.
     """
-    g = ref_gamma(target)
+    g = reference_gamma(target)
     f_norm = (g + 1) / math.sqrt((2 * g + 1) * step)
     w = run.trajectory[:step]
     return predicted * f_norm * np.linalg.norm(w - w.mean(axis=0), axis=0)
@@ -235,7 +228,7 @@ def test_coefficients_match_edm2_algorithm_3(trajectory_run: Run, step: int) -> 
     steps = [s.step for s in p.snapshots]
     sigmas = [s.sigma_rel for s in p.snapshots]
     assert max(steps) == step
-    np.testing.assert_allclose(p.gammas, [ref_gamma(s) for s in targets], rtol=1e-10)
+    np.testing.assert_allclose(p.gammas, [reference_gamma(s) for s in targets], rtol=1e-10)
     ref = ref_coefficients(steps, sigmas, step, targets)
     np.testing.assert_allclose(p.coefficients.sum(axis=0), 1.0, rtol=1e-12)
     np.testing.assert_allclose(p.coefficients, ref, rtol=1e-5, atol=1e-7 * np.abs(ref).max())
@@ -266,7 +259,7 @@ def test_coefficients_property(n_steps: int, every: int, tracked: list[float], t
     our_err = ref_error(ours_used, [steps[i] for i in used], [sigmas[i] for i in used], out_step, [target])
     assert our_err[0] <= ref_err[0] + 1e-6
     t = np.array([steps[i] for i in used], dtype=np.float64)[:, None]
-    g = np.array([ref_gamma(sigmas[i]) for i in used])[:, None]
+    g = np.array([reference_gamma(sigmas[i]) for i in used])[:, None]
     gram = ref_p_dot_p(t, g, t.T, g.T)
     d = 1 / np.sqrt(np.diag(gram))
     if np.linalg.cond(gram * d[:, None] * d[None, :]) < 1e6:
@@ -325,7 +318,7 @@ def test_save_writes_a_self_describing_file(trajectory_run: Run, tmp_path: Path)
         meta = f.metadata()
         loaded = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
     assert float(meta["sigma_rel"]) == 0.15
-    assert float(meta["gamma"]) == pytest.approx(ref_gamma(0.15))
+    assert float(meta["gamma"]) == pytest.approx(reference_gamma(0.15))
     assert int(meta["step"]) == MID
     assert float(meta["predicted_error"]) == float(p.errors[1])
     assert meta["library_version"] == __version__

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import scipy.integrate
 import torch
+from helpers import reference_gamma
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -27,13 +28,6 @@ from safetensors.torch import load_file
 from posthoc_ema import PostHocEMA, list_snapshots
 
 # -- references ----------------------------------------------------------------------
-
-
-def gamma_of(sigma_rel: float) -> float:
-    """EDM2 eq. 126 by numpy.roots (independent of the library's closed form)."""
-    c = sigma_rel**-2.0
-    roots = np.roots([1.0, 7.0, 16.0 - c, 12.0 - c])
-    return float(roots[np.abs(roots.imag) < 1e-9].real.max())
 
 
 def power_ema(values: Sequence[np.ndarray], times: Sequence[float], gamma: float) -> np.ndarray:
@@ -143,7 +137,7 @@ def check_against_recursion(n_calls: int, update_every: int, sigma_rels: Sequenc
                 if value.is_floating_point():
                     assert value.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
                     # The tracker keeps the canonical sigma_rel (6 significant digits).
-                    gamma = gamma_of(float(f"{sigma_rel:.6g}"))
+                    gamma = reference_gamma(float(f"{sigma_rel:.6g}"))
                     expected = power_ema([history[c - 1][name] for c in applied], applied, gamma)
                     np.testing.assert_allclose(value.double().numpy(), expected, **tol, err_msg=name)
                 else:  # integer buffers are copied at each update
@@ -183,7 +177,7 @@ def test_one_hot_probe_realises_the_exact_profile(update_every, sigma_rel):
     run_probe(tracker, probe, n=n)
     times = applied_calls(n, update_every)
     assert tracker.ema_step == times[-1]  # 700 for k = 7 and 100: call 701 is not applied yet
-    gamma = gamma_of(sigma_rel)
+    gamma = reference_gamma(sigma_rel)
     expected = np.zeros(n)
     expected[np.array(times) - 1] = exact_profile(times, gamma)
     got = tracker.ema_state_dict(sigma_rel)["x"].numpy()
@@ -207,7 +201,7 @@ def test_one_hot_probe_with_snapshots_between_updates(tmp_path, make_tracker):
     )
     run_probe(tracker, probe, n=n)
     tracker.flush()
-    gamma = gamma_of(sigma_rel)
+    gamma = reference_gamma(sigma_rel)
     infos = list_snapshots(tmp_path)
     assert [info.step for info in infos] == list(range(50, 701, 50))
     for info in infos:
@@ -234,7 +228,7 @@ def check_irregular_steps(steps: Sequence[int], update_every: int, sigma_rel: fl
         return
     times = [steps[c - 1] for c in calls]
     assert tracker.ema_step == times[-1] and tracker.step == steps[-1]
-    gamma = gamma_of(float(f"{sigma_rel:.6g}"))  # the tracker keeps the canonical sigma_rel
+    gamma = reference_gamma(float(f"{sigma_rel:.6g}"))  # the tracker keeps the canonical sigma_rel
     expected = np.zeros(len(steps))
     expected[np.array(calls) - 1] = exact_profile(times, gamma)
     got = tracker.ema_state_dict(sigma_rel)["x"].numpy()
@@ -277,7 +271,7 @@ def test_bf16_model_has_a_float32_ema_that_does_not_freeze():
     # Late in training 1 - beta ~ (gamma + 1) / t is tiny: a bf16 EMA rounds every
     # update away (ulp(1) = 2^-7), ours must move as the float64 reference does.
     sigma_rel, start, n = 0.10, 100_000, 400
-    gamma = gamma_of(sigma_rel)
+    gamma = reference_gamma(sigma_rel)
     model = torch.nn.Linear(8, 8, dtype=torch.bfloat16)
     with torch.no_grad():
         model.weight.fill_(1.0)
@@ -415,7 +409,7 @@ def test_model_that_cannot_be_deep_copied(tmp_path, make_tracker):
         history.append(set_weights(model, call))
         tracker.update()
     tracker.flush()
-    expected = power_ema([h["lin.weight"] for h in history], range(1, 7), gamma_of(0.05))
+    expected = power_ema([h["lin.weight"] for h in history], range(1, 7), reference_gamma(0.05))
     np.testing.assert_allclose(tracker.ema_state_dict(0.05)["lin.weight"].numpy(), expected, rtol=1e-12)
     assert [info.step for info in list_snapshots(tmp_path)] == [3, 3, 6, 6]
     with tracker.swapped(model, 0.05):
@@ -472,7 +466,7 @@ def test_tied_weights_appear_under_both_keys(tmp_path, make_tracker):
         history.append(np.full((4, 4), float(call)))
         tracker.update()
     tracker.flush()
-    expected = power_ema(history, [1, 2, 3], gamma_of(0.1))
+    expected = power_ema(history, [1, 2, 3], reference_gamma(0.1))
     ema = tracker.ema_state_dict(0.1)
     for key in ("embed.weight", "head.weight"):
         np.testing.assert_allclose(ema[key].numpy(), expected, rtol=1e-6)
