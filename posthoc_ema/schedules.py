@@ -49,6 +49,7 @@ __all__ = [
     "Warmup",
     "as_schedule",
     "equivalent_sigma_rel",
+    "target_products",
 ]
 
 ArrayLike = npt.ArrayLike
@@ -755,3 +756,47 @@ def _solve_time_constant(make: Callable[[float], Schedule], sigma_rel: float, st
         )
     root = scipy.optimize.brentq(lambda x: width(x) - sigma_rel, lo, float(peak.x), xtol=1e-13, rtol=1e-14)
     return math.exp(float(root))
+
+
+def target_products(
+    schedule: Schedule | float,
+    out_step: float,
+    in_steps: ArrayLike,
+    in_gammas: ArrayLike,
+    *,
+    update_steps: ArrayLike | None = None,
+) -> tuple[FloatArray, float]:
+    """What a least-squares reconstruction of ``schedule`` read at ``out_step`` needs from it.
+
+    Reconstructing a target profile ``p`` from snapshot profiles ``f_k`` (EDM2
+    Sec. 3.3, Algorithm 3) solves ``G c = b`` with the Gram matrix
+    ``G_kl = <f_k, f_l>`` (``profiles.profile_inner_product``, eq. 151) and
+    ``b_k = <f_k, p>``; its predicted relative error is
+    ``sqrt(c.G.c - 2 c.b + <p, p>) / sqrt(<p, p>)``. This gives ``b`` and
+    ``<p, p>`` for any schedule: eq. 151 for a power function, and for the
+    classic EMAs the exact sums of :meth:`Schedule.cross` and
+    :meth:`Schedule.norm_sq` over their updates (every integer step up to
+    ``out_step`` unless ``update_steps`` says otherwise).
+
+    Args:
+        schedule: the target (a sigma_rel means its power-function EMA).
+        out_step: when the target EMA is read.
+        in_steps, in_gammas: the snapshots' steps and exponents (broadcast, flattened).
+        update_steps: the target's update steps; default every integer step up to ``out_step``.
+
+    Returns:
+        ``(cross, norm_sq)``: a float64 array ``[n_in]`` and a float.
+
+    Raises:
+        ValueError: for bad steps or gammas, or a target with no update by ``out_step``.
+
+    Example:
+        >>> cross, norm_sq = target_products(0.1, 1000, [1000], [6.937203937601806])
+        >>> bool(np.isclose(cross[0], norm_sq))  # the snapshot is the target itself
+        True
+    """
+    target = as_schedule(schedule)
+    return (
+        target.cross(out_step, in_steps, in_gammas, update_steps=update_steps),
+        target.norm_sq(out_step, update_steps=update_steps),
+    )

@@ -536,3 +536,107 @@ def test_profiles_functions_are_the_ones_schedules_use():
     # PowerFunction's decay is profiles.power_beta (EDM2 eq. 127), not a second definition.
     t = np.array([5.0, 9.0])
     np.testing.assert_array_equal(PowerFunction(gamma=3.0).beta(t, t - 2), profiles.power_beta(3.0, t, t - 2))
+
+
+# -- synthesis of a classic EMA from power-function snapshots -------------------------------------------
+
+RUN_STEPS, RUN_DIMS, RUN_EVERY, RUN_SIGMA_RELS = 2000, 1000, 100, (0.05, 0.10)
+REPRESENTABLE = {
+    "constant": Constant(0.99),
+    "constant from step 1000": Constant(0.99, start=1000),
+    "half-life": HalfLife(150.0),
+    "warm-up": Warmup(power=0.75, max_beta=0.999),
+    "threshold": Threshold(0.995),
+    "exp warm-up": ExpWarmup(0.995, rate=15.0, total_steps=RUN_STEPS),
+}
+
+
+def make_power_function_run():
+    """A float64 random walk (steps of 0.05 sigma from 1, like tests/helpers.random_walk_run) and its
+    power-function snapshots every RUN_EVERY steps, tracked as the tracker does (EDM2 eq. 127)."""
+    rng = np.random.default_rng(0)
+    theta = np.ones((RUN_STEPS + 1, RUN_DIMS))
+    theta[1:] += np.cumsum(rng.standard_normal((RUN_STEPS, RUN_DIMS)) * 0.05, axis=0)
+    gammas = profiles.sigma_rel_to_gamma(np.array(RUN_SIGMA_RELS))
+    ema = np.repeat(theta[:1], gammas.size, axis=0)
+    snapshots, steps, snapshot_gammas = [], [], []
+    for t in range(1, RUN_STEPS + 1):
+        beta = (1 - 1 / t) ** (gammas + 1)
+        ema = beta[:, None] * ema + (1 - beta[:, None]) * theta[t]
+        if t % RUN_EVERY == 0:
+            snapshots.extend(ema.copy())
+            steps.extend([float(t)] * gammas.size)
+            snapshot_gammas.extend(gammas)
+    return theta, np.array(snapshots), np.array(steps), np.array(snapshot_gammas)
+
+
+@pytest.fixture(scope="module")
+def power_function_run():
+    return make_power_function_run()
+
+
+def synthesize_schedule(schedule: Schedule, run) -> dict[str, float]:
+    """Solve for ``schedule`` at the run's end with target_products and profiles' dense machinery,
+    and measure the result against the same EMA tracked directly on the trajectory."""
+    theta, snapshots, steps, gammas = run
+    out = float(RUN_STEPS)
+    gram = profiles._gram(steps, gammas)
+    cross, norm_sq = schedules.target_products(schedule, out, steps, gammas)
+    coef = profiles._lstsq(gram, cross[:, None])[:, 0]
+    coef /= coef.sum()  # as solve_coefficients: a constant trajectory is reproduced exactly
+    predicted = math.sqrt(max(coef @ gram @ coef - 2 * coef @ cross + norm_sq, 0.0) / norm_sq)
+    # The target tracked directly, in float64.
+    direct = theta[0].copy()
+    for t in range(1, RUN_STEPS + 1):
+        beta = float(schedule.beta(t, t - 1))
+        direct = beta * direct + (1 - beta) * theta[t]
+    synthesized = coef @ snapshots
+    # Weights on theta_1..theta_N: the snapshots' are their profiles' masses per step (eq. 127);
+    # the target's come from its own recursion (the initial copy counted on the first step).
+    grid = np.arange(1.0, out + 1)
+    g1 = gammas[:, None] + 1
+    masses = (np.minimum(grid, steps[:, None]) / steps[:, None]) ** g1
+    masses -= (np.minimum(grid - 1, steps[:, None]) / steps[:, None]) ** g1
+    target = brute_force_weights(schedule, grid, out)
+    target[1] += target[0]
+    error = coef @ masses - target[1:]
+    realized = math.sqrt(np.sum(error**2) / norm_sq)  # the same L2 measure, on unit steps
+    # Under a random walk of step sigma, E|synthesized - direct|^2 = dims sigma^2 sum_j (sum_{i>=j} error_i)^2.
+    tails = np.cumsum(error[::-1])[::-1]
+    expected = math.sqrt(RUN_DIMS * 0.05**2 * np.sum(tails**2))
+    return {
+        "predicted": predicted,
+        "realized": realized,
+        "within_steps": math.sqrt(max(coef @ gram @ coef - np.sum((coef @ masses) ** 2), 0.0) / norm_sq),
+        "distance": float(np.linalg.norm(synthesized - direct)),
+        "expected_distance": expected,
+        "scale": float(np.linalg.norm(direct - theta[0])),
+    }
+
+
+@pytest.mark.parametrize("name", list(REPRESENTABLE))
+def test_synthesized_classic_ema_matches_the_directly_tracked_one(name, power_function_run):
+    r = synthesize_schedule(REPRESENTABLE[name], power_function_run)
+    # The predicted error is the L2 distance from the continuous snapshot profiles; the realized one
+    # measures the same coefficients on the unit steps where weights live. Histograms are an orthogonal
+    # projection, so predicted**2 = realized**2 + (what the snapshots vary within single steps)**2.
+    assert r["predicted"] ** 2 == pytest.approx(r["realized"] ** 2 + r["within_steps"] ** 2, rel=1e-6, abs=1e-14)
+    assert r["realized"] <= r["predicted"] < 1e-2
+    # The synthesized EMA is where those weights put it: the distance to the directly tracked EMA is
+    # what the weight errors imply for this random walk (1000 dimensions: within a few percent).
+    assert r["distance"] == pytest.approx(r["expected_distance"], rel=0.15)
+    assert r["distance"] < 1e-2 * r["scale"]
+
+
+def test_a_classic_ema_dominated_by_its_initial_copy_is_reported_as_unrepresentable(power_function_run):
+    # 0.999**2000 = 13.5% of this EMA is the copy made at step 0; snapshot profiles vanish there.
+    r = synthesize_schedule(Constant(0.999), power_function_run)
+    assert r["predicted"] > 0.5
+    assert r["distance"] > 10 * synthesize_schedule(Constant(0.99), power_function_run)["distance"]
+
+
+def test_target_products_of_a_power_function_are_eq_151():
+    cross, norm_sq = schedules.target_products(0.1, 500.0, [500.0, 300.0], [6.937203937601806, 2.0])
+    gamma = float(profiles.sigma_rel_to_gamma(0.1))
+    np.testing.assert_allclose(cross, profiles.profile_inner_product([500.0, 300.0], [gamma, 2.0], 500.0, gamma))
+    assert norm_sq == pytest.approx(float(profiles.profile_inner_product(500.0, gamma, 500.0, gamma)), rel=1e-15)
