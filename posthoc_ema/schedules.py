@@ -11,7 +11,7 @@ weights; a decay of 1 leaves it unchanged. Everything else follows from this:
 the weight each update's weights carry in the EMA read at ``out_step``
 (:meth:`Schedule.weights`), and the EMA's profile over training time.
 
-Profiles use the model of EDM2 (Karras et al. 2023, Sec. 3.1): the trajectory is
+Profiles use the model of EDM2 (Karras et al. 2023): the trajectory is
 piecewise constant between updates, the weights ``theta_i`` of update ``i`` held
 on ``(t_(i-1), t_i]``, so a weight ``w_i`` is the density ``w_i / (t_i - t_(i-1))``
 on that interval. A power-function EMA at any cadence is exactly its profile's
@@ -397,7 +397,7 @@ class Constant(Schedule):
       ``step``: ``Constant(beta, start=k + 1)``.
 
     Args:
-        beta: the decay, in [0, 1).
+        beta: the decay, in [0, 1) (kept as the attribute ``decay``: ``beta`` is the method).
         start: the step at which the EMA is (re)started as a copy, >= 0.
 
     Raises:
@@ -604,7 +604,7 @@ class Threshold(Schedule):
     ``step = n``; pass ``num_updates`` counted as this step is.
 
     Args:
-        beta: the largest decay, in [0, 1).
+        beta: the largest decay, in [0, 1) (the attribute ``decay``).
 
     Raises:
         ValueError: for a decay outside [0, 1).
@@ -639,7 +639,7 @@ class ExpWarmup(Schedule):
     at construction.
 
     Args:
-        beta: the largest decay, in [0, 1).
+        beta: the largest decay, in [0, 1) (the attribute ``decay``).
         rate: how fast the decay approaches ``beta``, > 0.
         total_steps: the run's length in steps, > 0.
 
