@@ -1,5 +1,6 @@
 """posthoc-ema: choose your EMA after training (EDM2 power-function EMA, post-hoc synthesis)."""
 
+from posthoc_ema import schedules
 from posthoc_ema._version import __version__
 from posthoc_ema.errors import (
     EvaluationError,
@@ -52,6 +53,7 @@ __all__ = [
     "power_beta",
     "profile_inner_product",
     "reconstruction_error",
+    "schedules",
     "sigma_rel_to_gamma",
     "solve_coefficients",
     "sweep",

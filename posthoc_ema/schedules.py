@@ -1,0 +1,802 @@
+"""Classic EMA schedules as data: their decays, their exact weights, and their profiles (pure NumPy, no torch).
+
+An EMA is defined by the decay ``beta(t, t_prev)`` it applies at an update at
+time ``t`` (the tracker's step) whose previous update was at ``t_prev``,
+
+    ema <- beta * ema + (1 - beta) * weights,
+
+starting from a copy of the weights when it is created, at step 0 (the first
+update has ``t_prev = 0``). A decay of 0 makes the EMA a copy of the current
+weights; a decay of 1 leaves it unchanged. Everything else follows from this:
+the weight each update's weights carry in the EMA read at ``out_step``
+(:meth:`Schedule.weights`), and the EMA's profile over training time.
+
+Profiles use the model of EDM2 (Karras et al. 2023): the trajectory is
+piecewise constant between updates, the weights ``theta_i`` of update ``i`` held
+on ``(t_(i-1), t_i]``, so a weight ``w_i`` is the density ``w_i / (t_i - t_(i-1))``
+on that interval. A power-function EMA at any cadence is exactly its profile's
+mass over these intervals (EDM2 eq. 121, 127). The initial copy (weights at step
+0) has no interval of its own: it is counted on the first interval ``(0, t_1]``,
+as if it were the first update's weights. :meth:`Schedule.weights` still reports
+it separately, so a caller can see how much of an EMA is its starting point.
+
+Time is the tracker's step (``PostHocEMA.update(step=...)``); by default an
+update at every integer step ``1, 2, ..., out_step``. Every class reproduces one
+library's update rule exactly, cited in its docstring, with the settings that
+reproduce the others.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import scipy.optimize
+
+from posthoc_ema import profiles
+
+__all__ = [
+    "Constant",
+    "ExpWarmup",
+    "HalfLife",
+    "PowerFunction",
+    "Schedule",
+    "Threshold",
+    "Warmup",
+    "as_schedule",
+    "equivalent_sigma_rel",
+    "target_products",
+]
+
+ArrayLike = npt.ArrayLike
+FloatArray = npt.NDArray[np.float64]
+
+# Updates are walked backwards in chunks of this many, so a run of 1e7 steps
+# never needs more than a few arrays of this length at once.
+_CHUNK = 1 << 15
+# Cells per [updates, snapshots] block in inner products (8 MB of float64).
+_CELLS = 1 << 20
+# Once the product of all later decays is below exp(-746), every earlier weight
+# (the initial copy's included) is 0 in float64: the walk stops there.
+_UNDERFLOW = -746.0
+# Profiles stop where the weight left is below exp(-80) ~ 1.8e-35 of the whole.
+_NEGLIGIBLE = -80.0
+
+
+def _check_update_steps(update_steps: ArrayLike) -> FloatArray:
+    t = np.asarray(update_steps, dtype=np.float64)
+    if t.ndim != 1:
+        raise ValueError(f"update_steps must be a 1-d sequence of steps, got an array of shape {t.shape}")
+    bad = ~(np.isfinite(t) & (t > 0))
+    if np.any(bad):
+        raise ValueError(f"update_steps holds {float(t[bad][0])!r}; every update step must be a positive number")
+    if t.size > 1 and not np.all(np.diff(t) > 0):
+        i = int(np.argmin(np.diff(t) > 0))
+        raise ValueError(f"update_steps must increase strictly, but {float(t[i + 1])!r} follows {float(t[i])!r}")
+    return t
+
+
+def _check_out_step(out_step: float) -> float:
+    value = float(out_step)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"out_step={out_step!r} is not a positive step")
+    return value
+
+
+def _check_pair(step: ArrayLike, prev_step: ArrayLike) -> tuple[FloatArray, FloatArray]:
+    t = np.asarray(step, dtype=np.float64)
+    t_prev = np.asarray(prev_step, dtype=np.float64)
+    t, t_prev = np.broadcast_arrays(t, t_prev)
+    bad = ~(np.isfinite(t) & (t > 0) & (t_prev >= 0) & (t_prev < t))  # also catches NaN
+    if np.any(bad):
+        raise ValueError(
+            f"step={float(t[bad].flat[0])!r} with prev_step={float(t_prev[bad].flat[0])!r}: an update needs "
+            "0 <= prev_step < step"
+        )
+    return t, t_prev
+
+
+def _check_decay(name: str, value: float) -> None:
+    if not (0.0 <= value < 1.0):  # also catches NaN
+        raise ValueError(f"{name}={value!r} is outside [0, 1); a decay of 1 would never move the EMA")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={value!r} must be a positive number")
+
+
+def _check_start(value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"start={value!r} must be a step >= 0 (0: a copy of the weights when tracking begins)")
+
+
+class Schedule(abc.ABC):
+    """An EMA, defined by the decay it applies at each update (see the module docstring).
+
+    Subclasses define :meth:`beta` (or :meth:`log_beta`); weights, profile inner
+    products, norms and widths follow exactly.
+    """
+
+    @abc.abstractmethod
+    def beta(self, step: ArrayLike, prev_step: ArrayLike) -> FloatArray:
+        """Decay applied by an update at ``step`` whose previous update was at ``prev_step``.
+
+        Args:
+            step: update step(s), > 0.
+            prev_step: the previous update's step(s), in [0, step); broadcast against ``step``.
+
+        Returns:
+            A float64 array of decays in [0, 1].
+
+        Raises:
+            ValueError: if a pair does not satisfy ``0 <= prev_step < step``.
+        """
+
+    def log_beta(self, step: ArrayLike, prev_step: ArrayLike) -> FloatArray:
+        """``log(beta(step, prev_step))`` (``-inf`` for a copy); exact where a subclass knows it."""
+        with np.errstate(divide="ignore"):
+            return np.log(self.beta(step, prev_step))
+
+    def _walk(
+        self, update_steps: ArrayLike | None, out_step: float, *, floor: float = _UNDERFLOW
+    ) -> Iterator[tuple[FloatArray, FloatArray, FloatArray, float | None]]:
+        """Chunks ``(t_prev, t, w, w_initial)`` of the updates at or before ``out_step``, latest first.
+
+        ``w`` are the exact weights of those updates in the EMA read at
+        ``out_step``; ``w_initial`` is the initial copy's weight, given with the
+        last chunk (None before). Stops early once all earlier weights together
+        (exactly ``exp(later)``) are below ``exp(floor)``: by default, once they underflow.
+        """
+        out = _check_out_step(out_step)
+        steps = None if update_steps is None else _check_update_steps(update_steps)
+        n = math.floor(out) if steps is None else int(np.searchsorted(steps, out, side="right"))
+        later = 0.0  # log of the product of the decays of all updates after this chunk
+        hi = n
+        while hi > 0:
+            lo = max(0, hi - _CHUNK)
+            if steps is None:
+                t = np.arange(lo + 1, hi + 1, dtype=np.float64)
+                t_prev = t - 1.0
+            else:
+                t = steps[lo:hi]
+                t_prev = np.concatenate([[0.0] if lo == 0 else steps[lo - 1 : lo], t[:-1]])
+            lb = self.log_beta(t, t_prev)
+            # Sum of the log-decays strictly after each update (no -inf - -inf).
+            after = np.concatenate([np.cumsum(lb[:0:-1])[::-1], [0.0]]) + later
+            with np.errstate(invalid="ignore"):
+                w = -np.expm1(lb) * np.exp(after)
+            later = later + float(lb.sum())
+            stop = lo == 0 or later < floor
+            yield t_prev, t, w, (math.exp(later) if lo == 0 else 0.0) if stop else None
+            if stop:
+                return
+            hi = lo
+        yield np.zeros(0), np.zeros(0), np.zeros(0), 1.0  # no update yet: the EMA is the initial copy
+
+    def weights(self, update_steps: ArrayLike, out_step: float) -> FloatArray:
+        """Exact weight of each update's weights in the EMA read at ``out_step``.
+
+        Args:
+            update_steps: the steps of the updates, positive and increasing
+                (the initial copy is taken at step 0, before them).
+            out_step: when the EMA is read; updates after it get weight 0.
+
+        Returns:
+            A float64 array ``[1 + len(update_steps)]``: the initial copy's weight,
+            then one per update. It sums to 1.
+
+        Raises:
+            ValueError: for steps that are not positive and increasing.
+
+        Example:
+            >>> Constant(0.5).weights([1, 2, 3], 3)
+            array([0.125, 0.125, 0.25 , 0.5  ])
+        """
+        steps = _check_update_steps(update_steps)
+        out = np.zeros(steps.size + 1)
+        end = int(np.searchsorted(steps, _check_out_step(out_step), side="right"))
+        for _, t, w, initial in self._walk(steps, out_step):
+            out[end - t.size + 1 : end + 1] = w
+            end -= t.size
+            if initial is not None:
+                out[0] = initial
+        return out
+
+    def _densities(
+        self, update_steps: ArrayLike | None, out_step: float
+    ) -> Iterator[tuple[FloatArray, FloatArray, FloatArray]]:
+        """Chunks ``(a, b, d)``: density ``d`` on ``(a, b]``, latest first; the initial copy counted on ``(0, t_1]``."""
+        for t_prev, t, w, initial in self._walk(update_steps, out_step, floor=_NEGLIGIBLE):
+            if t.size == 0:
+                raise ValueError(
+                    f"no update at or before out_step={float(out_step)!r}: the EMA is still its initial copy, "
+                    "which has no profile over training time"
+                )
+            if initial and t_prev[0] == 0:
+                w = w.copy()
+                w[0] += initial
+            yield t_prev, t, w / (t - t_prev)
+
+    def cross(
+        self, out_step: float, in_steps: ArrayLike, in_gammas: ArrayLike, *, update_steps: ArrayLike | None = None
+    ) -> FloatArray:
+        """Inner products ``<p, f_(T_k, g_k)>`` of this EMA's profile read at ``out_step`` with power-function profiles.
+
+        ``f_(T, g)(t) = (g + 1) t**g / T**(g + 1)`` on ``(0, T]`` (EDM2 eq. 121).
+        Under the piecewise-constant model the profile ``p`` is the density
+        ``d_i = w_i / (t_i - t_(i-1))`` on each update interval, so the product is
+        the exact sum ``sum_i d_i (F(t_i) - F(t_(i-1)))`` with
+        ``F(t) = (min(t, T) / T)**(g + 1)``, the mass of ``f`` up to ``t``. Each
+        mass is formed as ``F(b) (1 - (a / b)**(g + 1))`` in log space
+        (``log1p``/``expm1``), never as a difference of two nearly equal
+        numbers: safe for gamma up to 1e4 and more and for 1e7 steps. Updates are walked
+        back from ``out_step`` until the weight left (exactly the product of the
+        decays so far) is below 1e-35. (An exponential profile has no closed form
+        against ``t**g`` that stays finite here: it is a Kummer function of
+        ``t / half_life``.)
+
+        Args:
+            out_step: when this EMA is read.
+            in_steps, in_gammas: the power-function profiles (broadcast, flattened).
+            update_steps: this EMA's update steps; default every integer step up to ``out_step``.
+
+        Returns:
+            A float64 array ``[n_in]``.
+
+        Raises:
+            ValueError: for a non-positive step, a gamma <= -1, or no update at or before ``out_step``.
+        """
+        steps_k, gammas_k = np.broadcast_arrays(
+            profiles._check_step(in_steps, "step"), profiles._check_gamma(in_gammas)
+        )
+        steps_k, g1 = steps_k.reshape(-1), gammas_k.reshape(-1) + 1.0
+
+        log_steps_k = np.log(steps_k)
+        total = np.zeros(steps_k.size)
+        rows = max(1, _CELLS // steps_k.size)  # bound the [updates, snapshots] temporaries
+        for a_all, b_all, d_all in self._densities(update_steps, out_step):
+            for i in range(0, a_all.size, rows):
+                a, b, d = a_all[i : i + rows], b_all[i : i + rows], d_all[i : i + rows]
+                lo = np.minimum(a[:, None], steps_k)
+                hi = np.minimum(b[:, None], steps_k)
+                with np.errstate(divide="ignore"):
+                    # F(hi) * (1 - (lo / hi)**(g + 1)): exactly 0 past T, and log1p/expm1 keep a short
+                    # interval's mass exact where F(hi) - F(lo) would cancel.
+                    mass = np.exp(g1 * (np.log(hi) - log_steps_k))
+                    mass *= -np.expm1(g1 * np.log1p(-(hi - lo) / hi))
+                total += d @ mass
+        return total
+
+    def norm_sq(self, out_step: float, *, update_steps: ArrayLike | None = None) -> float:
+        """Squared L2 norm ``<p, p> = sum_i w_i**2 / (t_i - t_(i-1))`` of this EMA's profile read at ``out_step``.
+
+        Args and Raises: as for :meth:`cross`.
+        """
+        return float(sum(np.sum(d * d * (b - a)) for a, b, d in self._densities(update_steps, out_step)))
+
+    def std(self, out_step: float, *, update_steps: ArrayLike | None = None) -> float:
+        """Standard deviation, in steps, of this EMA's profile read at ``out_step``.
+
+        Each weight is spread uniformly over its interval (the piecewise-constant
+        model), so an interval of length ``d`` adds ``d**2 / 12`` of its own.
+
+        Args and Raises: as for :meth:`cross`.
+        """
+        # Moments about out_step: every profile ends there, so the shift loses nothing.
+        m0 = m1 = m2 = 0.0
+        out = float(out_step)
+        for a, b, d in self._densities(update_steps, out_step):
+            w = d * (b - a)
+            mid = 0.5 * (a + b) - out
+            m0 += float(w.sum())
+            m1 += float(w @ mid)
+            m2 += float(w @ (mid * mid + (b - a) ** 2 / 12.0))
+        mean = m1 / m0
+        return math.sqrt(max(m2 / m0 - mean * mean, 0.0))
+
+
+@dataclass(frozen=True)
+class PowerFunction(Schedule):
+    """The EDM2 power-function EMA (what the tracker keeps): ``beta = (t_prev / t)**(gamma + 1)``.
+
+    EDM2 eq. 127 at any cadence; the first update (``t_prev = 0``) has decay 0,
+    so the initial copy never counts. Give exactly one of ``sigma_rel`` (EDM2
+    eq. 123) and ``gamma``; the other is filled in. Its profile is the
+    continuous ``f_(T, gamma)`` of eq. 121, whose inner products have the closed
+    form of eq. 151: :meth:`cross` and :meth:`norm_sq` use it whatever the
+    cadence (the piecewise-constant profile of a coarse grid differs from it by
+    terms of order ``(t_i - t_(i-1)) / T``). Source: NVlabs/edm2
+    ``training/phema.py`` (``power_function_beta``) and ``reconstruct_phema.py``.
+
+    Args:
+        sigma_rel: relative width, in (0, sqrt(1/12)).
+        gamma: exponent, > -1.
+
+    Raises:
+        ValueError: if neither or both are given, or one is out of range.
+
+    Example:
+        >>> round(PowerFunction(sigma_rel=0.10).gamma, 6)
+        6.937204
+        >>> float(PowerFunction(gamma=0.0).beta(4, 3))
+        0.75
+    """
+
+    sigma_rel: float | None = None
+    gamma: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.sigma_rel is None) == (self.gamma is None):
+            raise ValueError(
+                f"PowerFunction needs exactly one of sigma_rel and gamma, got sigma_rel={self.sigma_rel!r} "
+                f"and gamma={self.gamma!r}"
+            )
+        if self.gamma is None:
+            object.__setattr__(self, "gamma", float(profiles.sigma_rel_to_gamma(float(self.sigma_rel))))  # type: ignore[arg-type]
+            object.__setattr__(self, "sigma_rel", float(self.sigma_rel))  # type: ignore[arg-type]
+        else:
+            object.__setattr__(self, "sigma_rel", float(profiles.gamma_to_sigma_rel(float(self.gamma))))
+            object.__setattr__(self, "gamma", float(self.gamma))
+
+    @property
+    def _g(self) -> float:
+        return float(self.gamma)  # type: ignore[arg-type]
+
+    def beta(self, step: ArrayLike, prev_step: ArrayLike) -> FloatArray:
+        t, t_prev = _check_pair(step, prev_step)
+        return profiles.power_beta(self._g, t, t_prev)
+
+    def log_beta(self, step: ArrayLike, prev_step: ArrayLike) -> FloatArray:
+        t, t_prev = _check_pair(step, prev_step)
+        with np.errstate(divide="ignore"):
+            return (self._g + 1.0) * np.log1p(-(t - t_prev) / t)
+
+    def cross(
+        self, out_step: float, in_steps: ArrayLike, in_gammas: ArrayLike, *, update_steps: ArrayLike | None = None
+    ) -> FloatArray:
+        out = _check_out_step(out_step)
+        return np.reshape(profiles.profile_inner_product(in_steps, in_gammas, out, self._g), -1)
+
+    def norm_sq(self, out_step: float, *, update_steps: ArrayLike | None = None) -> float:
+        out = _check_out_step(out_step)
+        return float(profiles.profile_inner_product(out, self._g, out, self._g))
+
+    def std(self, out_step: float, *, update_steps: ArrayLike | None = None) -> float:
+        return float(self.sigma_rel) * _check_out_step(out_step)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, repr=False)
+class Constant(Schedule):
+    """A constant decay ``beta`` at every update after ``start``; a copy of the weights up to ``start``.
+
+    ``start`` is the step at which the EMA begins as a copy of the weights (the
+    "EMA start epoch" people sweep): updates at steps ``<= start`` copy, later
+    ones decay by ``beta``. With ``start=0`` the EMA starts as the copy made when
+    tracking begins, and that copy keeps the weight ``beta**n`` after ``n``
+    updates. The decay is per update, whatever the steps between updates.
+
+    Reproduces timm's ``ModelEmaV2(model, decay=beta)`` (``timm/utils/model_ema.py``
+    in huggingface/pytorch-image-models: a deep copy at construction, then
+    ``decay * ema + (1 - decay) * model`` at every ``update``), which is
+    ``Constant(beta)``, and likewise SuperGradients' ``decay_type="constant"``
+    and ModelEmaV3 without warm-up and without ``step``. Other settings:
+
+    - ``torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(beta))``
+      (PyTorch ``torch/optim/swa_utils.py``) copies the weights at its first
+      ``update_parameters`` (``n_averaged == 0``) and averages from the second
+      on: ``Constant(beta, start=1)``. It averages parameters only unless
+      ``use_buffers=True``.
+    - diffusers' ``EMAModel(decay=beta, update_after_step=k)`` without warm-up
+      (``src/diffusers/training_utils.py``, ``get_decay`` returns 0 while
+      ``optimization_step - k - 1 <= 0``), and timm ``ModelEmaV3`` given
+      ``step``: ``Constant(beta, start=k + 1)``.
+
+    Args:
+        beta: the decay, in [0, 1) (kept as the attribute ``decay``: ``beta`` is the method).
+        start: the step at which the EMA is (re)started as a copy, >= 0.
+
+    Raises:
+        ValueError: for a decay outside [0, 1) or a negative start.
+
+    Example:
+        >>> Constant(0.9, start=2).beta([1, 2, 3], [0, 1, 2])
+        array([0. , 0. , 0.9])
+    """
+
+    decay: float
+    start: float = 0
+
+    def __init__(self, beta: float, start: float = 0) -> None:
+        object.__setattr__(self, "decay", float(beta))
+        object.__setattr__(self, "start", float(start))
+        _check_decay("beta", self.decay)
+        _check_start(self.start)
+
+    def __repr__(self) -> str:
+        return f"Constant(beta={self.decay!r}, start={self.start:g})"
+
+    def beta(self, step: ArrayLike, prev_step: ArrayLike) -> FloatArray:
+        t, _ = _check_pair(step, prev_step)
+        return np.where(t <= self.start, 0.0, self.decay)
+
+    @classmethod
+    def from_sigma_rel(cls, sigma_rel: float, step: float, *, start: float = 0) -> Constant:
+        """The constant decay whose profile at ``step`` has relative width ``sigma_rel``.
+
+        Inverts :func:`equivalent_sigma_rel` for an update at every step from 1
+        to ``step``. The width first grows with the decay, then shrinks again as
+        the initial copy takes over the average; the decay returned is the one
+        on the growing side.
+
+        Args:
+            sigma_rel: the relative width, > 0.
+            step: the step at which the EMA is read.
+            start: as for :class:`Constant`.
+
+        Returns:
+            The :class:`Constant` schedule.
+
+        Raises:
+            ValueError: if no constant decay is that wide at ``step``.
+
+        Example:
+            >>> round(Constant.from_sigma_rel(0.05, 10_000).decay, 5)
+            0.998
+        """
+        tau = _solve_time_constant(lambda tau: cls(math.exp(-1.0 / tau), start=start), sigma_rel, step, "Constant")
+        return cls(math.exp(-1.0 / tau), start=start)
+
+
+@dataclass(frozen=True)
+class HalfLife(Schedule):
+    """An EMA whose weights halve every ``half_life`` steps: Composer's EMA, at any cadence.
+
+    Composer (mosaicml/composer ``composer/algorithms/ema/ema.py``) updates at
+    every multiple of ``update_interval`` with smoothing
+    ``2 ** (-update_interval / half_life)``, the EMA made a copy of the model at
+    the first update event at or after ``ema_start``. Here an update at ``t``
+    after one at ``t_prev`` decays by ``2 ** (-n * update_interval / half_life)``,
+    ``n`` the number of multiples of ``update_interval`` in ``(t_prev, t]``: the
+    Composer updates it stands for. With ``update_interval=1`` (integer steps)
+    that is ``2 ** (-(t - t_prev) / half_life)``, exact for sparse or irregular
+    updates; with the tracker updating every step and ``update_interval=k`` the
+    decay is 1 between multiples of ``k``, exactly Composer's cadence. Updates at
+    steps ``<= start`` copy the weights.
+
+    ``EMA(half_life=f"{h}ba", update_interval=f"{k}ba", ema_start=f"{s}ba")`` is
+    ``HalfLife(h, update_interval=k, start=max(s, 1))``: Composer's copy happens
+    at the first batch end, whose batch count is already 1. ``start=0`` keeps
+    the copy made when tracking begins instead.
+
+    Args:
+        half_life: in steps, > 0.
+        update_interval: Composer's update period, in steps, > 0.
+        start: the step at which the EMA is (re)started as a copy, >= 0.
+
+    Raises:
+        ValueError: for a non-positive half-life or interval or a negative start.
+
+    Example:
+        >>> HalfLife(2.0).beta([1, 3], [0, 1])
+        array([0.70710678, 0.5       ])
+    """
+
+    half_life: float
+    update_interval: float = 1
+    start: float = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "half_life", float(self.half_life))
+        object.__setattr__(self, "update_interval", float(self.update_interval))
+        object.__setattr__(self, "start", float(self.start))
+        _check_positive("half_life", self.half_life)
+        _check_positive("update_interval", self.update_interval)
+        _check_start(self.start)
+
+    @property
+    def smoothing(self) -> float:
+        """Composer's per-update decay, ``2 ** (-update_interval / half_life)``."""
+        return float(2.0 ** (-self.update_interval / self.half_life))
+
+    def log_beta(self, step: ArrayLike, prev_step: ArrayLike) -> FloatArray:
+        t, t_prev = _check_pair(step, prev_step)
+        k = self.update_interval
+        crossed = np.floor(t / k) - np.floor(t_prev / k)
+        return np.where(t <= self.start, -np.inf, -crossed * k / self.half_life * math.log(2.0))
+
+    def beta(self, step: ArrayLike, prev_step: ArrayLike) -> FloatArray:
+        return np.exp(self.log_beta(step, prev_step))
+
+    @classmethod
+    def from_sigma_rel(cls, sigma_rel: float, step: float, *, update_interval: float = 1, start: float = 0) -> HalfLife:
+        """The half-life whose profile at ``step`` has relative width ``sigma_rel``.
+
+        As :meth:`Constant.from_sigma_rel`, for an update at every step
+        (``HalfLife(h)`` is then ``Constant(2 ** (-1 / h))``).
+
+        Example:
+            >>> round(HalfLife.from_sigma_rel(0.05, 10_000).half_life)
+            347
+        """
+        tau = _solve_time_constant(
+            lambda tau: cls(tau * math.log(2.0), update_interval=update_interval, start=start),
+            sigma_rel,
+            step,
+            "HalfLife",
+        )
+        return cls(tau * math.log(2.0), update_interval=update_interval, start=start)
+
+
+@dataclass(frozen=True)
+class Warmup(Schedule):
+    """The warm-up decay ``1 - (1 + e / inv_gamma) ** -power``, clamped to ``[min_beta, max_beta]``.
+
+    ``e = step - update_after_step - 1``; while ``e <= 0`` the decay is 0 (the
+    EMA copies the weights, the clamp does not apply). This is ema-pytorch's
+    ``EMA(beta=max_beta, min_value=min_beta, inv_gamma=..., power=...,
+    update_after_step=..., update_every=1)`` (lucidrains/ema-pytorch
+    ``ema_pytorch/ema_pytorch.py``, ``get_current_decay`` and ``update``): its
+    k-th ``update()`` call copies while ``k <= update_after_step + 1`` and
+    otherwise decays with ``e = k - update_after_step - 1``, so ``step`` is the
+    tracker's step when ``update()`` follows every optimizer step.
+    ema-pytorch computes the decay in float32; this is float64.
+
+    The same rule, with the same step: diffusers' ``EMAModel(decay=max_beta,
+    min_decay=min_beta, update_after_step=..., use_ema_warmup=True, inv_gamma=...,
+    power=...)`` (``src/diffusers/training_utils.py``, ``get_decay`` of the
+    incremented ``optimization_step``), and timm's ``ModelEmaV3(decay=max_beta,
+    min_decay=min_beta, update_after_step=..., use_warmup=True, warmup_gamma=inv_gamma,
+    warmup_power=power)`` with ``update(model, step=num_updates)`` as timm's
+    ``train.py`` calls it (``timm/utils/model_ema.py``, ``get_decay``).
+
+    Args:
+        inv_gamma: > 0.
+        power: > 0.
+        min_beta, max_beta: the clamp, ``0 <= min_beta <= max_beta < 1``.
+        update_after_step: updates at steps ``<= update_after_step + 1`` copy, >= 0.
+
+    Raises:
+        ValueError: for values out of range.
+
+    Example:
+        >>> Warmup(power=1.0, max_beta=0.999).beta([1, 2, 3], [0, 1, 2]).round(4)
+        array([0.    , 0.5   , 0.6667])
+    """
+
+    inv_gamma: float = 1.0
+    power: float = 2 / 3
+    min_beta: float = 0.0
+    max_beta: float = 0.9999
+    update_after_step: float = 0
+
+    def __post_init__(self) -> None:
+        _check_positive("inv_gamma", self.inv_gamma)
+        _check_positive("power", self.power)
+        _check_decay("max_beta", self.max_beta)
+        if not (0.0 <= self.min_beta <= self.max_beta):
+            raise ValueError(f"min_beta={self.min_beta!r} is outside [0, max_beta={self.max_beta!r}]")
+        if not (math.isfinite(self.update_after_step) and self.update_after_step >= 0):
+            raise ValueError(f"update_after_step={self.update_after_step!r} must be a step >= 0")
+
+    def beta(self, step: ArrayLike, prev_step: ArrayLike) -> FloatArray:
+        t, _ = _check_pair(step, prev_step)
+        e = t - self.update_after_step - 1.0
+        value = np.clip(1.0 - (1.0 + np.maximum(e, 0.0) / self.inv_gamma) ** -self.power, self.min_beta, self.max_beta)
+        return np.where(e <= 0, 0.0, value)
+
+
+@dataclass(frozen=True, repr=False)
+class Threshold(Schedule):
+    """SuperGradients' ``threshold`` decay, ``min(beta, (1 + step) / (10 + step))``.
+
+    Deci-AI/super-gradients ``src/super_gradients/training/utils/ema_decay_schedules.py``
+    (``ThresholdDecay``), with the ``step`` its trainer passes to
+    ``ModelEMA.update``: ``global_step = batch_idx + 1 + len(loader) * epoch``
+    (``sg_trainer.py``), 1 at the first update, the tracker's step. The EMA is a
+    deep copy made at construction, so the first decay is 2/11 and the initial
+    copy keeps a (rapidly vanishing) weight. TensorFlow's
+    ``ExponentialMovingAverage(decay, num_updates=n)`` is the same rule with
+    ``step = n``; pass ``num_updates`` counted as this step is.
+
+    Args:
+        beta: the largest decay, in [0, 1) (the attribute ``decay``).
+
+    Raises:
+        ValueError: for a decay outside [0, 1).
+
+    Example:
+        >>> Threshold(0.5).beta([1, 8], [0, 1])
+        array([0.18181818, 0.5       ])
+    """
+
+    decay: float
+
+    def __init__(self, beta: float) -> None:
+        object.__setattr__(self, "decay", float(beta))
+        _check_decay("beta", self.decay)
+
+    def __repr__(self) -> str:
+        return f"Threshold(beta={self.decay!r})"
+
+    def beta(self, step: ArrayLike, prev_step: ArrayLike) -> FloatArray:
+        t, _ = _check_pair(step, prev_step)
+        return np.minimum(self.decay, (1.0 + t) / (10.0 + t))
+
+
+@dataclass(frozen=True, repr=False)
+class ExpWarmup(Schedule):
+    """SuperGradients' ``exp`` decay, ``beta * (1 - exp(-rate * step / total_steps))``.
+
+    Deci-AI/super-gradients ``src/super_gradients/training/utils/ema_decay_schedules.py``
+    (``ExpDecay``, whose ``beta`` is ``rate`` here, 15 by default in SuperGradients),
+    with the trainer's 1-based ``global_step`` as the step (see :class:`Threshold`)
+    and ``total_steps = len(loader) * max_epochs``. The EMA is a deep copy made
+    at construction.
+
+    Args:
+        beta: the largest decay, in [0, 1) (the attribute ``decay``).
+        rate: how fast the decay approaches ``beta``, > 0.
+        total_steps: the run's length in steps, > 0.
+
+    Raises:
+        ValueError: for values out of range.
+
+    Example:
+        >>> round(float(ExpWarmup(0.9, rate=1.0, total_steps=1).beta(1, 0)), 6)
+        0.568909
+    """
+
+    decay: float
+    rate: float
+    total_steps: float
+
+    def __init__(self, beta: float, rate: float, total_steps: float) -> None:
+        object.__setattr__(self, "decay", float(beta))
+        object.__setattr__(self, "rate", float(rate))
+        object.__setattr__(self, "total_steps", float(total_steps))
+        _check_decay("beta", self.decay)
+        _check_positive("rate", self.rate)
+        _check_positive("total_steps", self.total_steps)
+
+    def __repr__(self) -> str:
+        return f"ExpWarmup(beta={self.decay!r}, rate={self.rate!r}, total_steps={self.total_steps:g})"
+
+    def beta(self, step: ArrayLike, prev_step: ArrayLike) -> FloatArray:
+        t, _ = _check_pair(step, prev_step)
+        return self.decay * -np.expm1(-self.rate * t / self.total_steps)
+
+
+def as_schedule(value: Schedule | float) -> Schedule:
+    """A schedule as given, or the power-function EMA of a sigma_rel given as a number.
+
+    Args:
+        value: a :class:`Schedule`, or a sigma_rel in (0, sqrt(1/12)).
+
+    Returns:
+        The schedule.
+
+    Raises:
+        TypeError: for anything else.
+        ValueError: for a sigma_rel out of range.
+
+    Example:
+        >>> as_schedule(0.1) == PowerFunction(sigma_rel=0.1)
+        True
+    """
+    if isinstance(value, Schedule):
+        return value
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+        return PowerFunction(sigma_rel=float(value))
+    raise TypeError(
+        f"{value!r} is neither a sigma_rel nor a schedule; give a number or a posthoc_ema.schedules class instance"
+    )
+
+
+def equivalent_sigma_rel(schedule: Schedule | float, step: float, *, update_steps: ArrayLike | None = None) -> float:
+    """The sigma_rel of the power-function EMA as wide as ``schedule`` read at ``step``.
+
+    Width is EDM2's (eq. 123): the standard deviation of the EMA's profile over
+    training time, divided by the time it is read at; for a power function it
+    is its ``sigma_rel``. The profile is the piecewise-constant one of the
+    module docstring (updates at every step by default), so the answer depends
+    on the run's length: a decay of 0.9999 is much narrower at 10M steps than at
+    100k. It says how wide an average the schedule is, not that the two
+    profiles have the same shape.
+
+    Args:
+        schedule: a schedule (or a sigma_rel).
+        step: when the EMA is read.
+        update_steps: the schedule's update steps; default every integer step up to ``step``.
+
+    Returns:
+        The sigma_rel, in (0, sqrt(1/12)).
+
+    Raises:
+        ValueError: when the profile is wider than any power function (a
+            constant decay whose initial copy still dominates), or for bad steps.
+
+    Example:
+        >>> round(equivalent_sigma_rel(Constant(0.9998), 100_000), 4)
+        0.05
+    """
+    sched = as_schedule(schedule)
+    out = _check_out_step(step)
+    sigma_rel = sched.std(out, update_steps=update_steps) / out
+    if not sigma_rel < profiles.MAX_SIGMA_REL:
+        raise ValueError(
+            f"{sched!r} read at step={out!r} is wider (std/step={sigma_rel:.4f}) than any power-function EMA "
+            f"(at most sqrt(1/12)={profiles.MAX_SIGMA_REL:.4f}): most of its weight is still on its start"
+        )
+    return sigma_rel
+
+
+def _solve_time_constant(make: Callable[[float], Schedule], sigma_rel: float, step: float, name: str) -> float:
+    """The time constant ``tau`` (steps) at which ``make(tau)`` has relative width ``sigma_rel`` at ``step``."""
+    out = _check_out_step(step)
+    profiles._check_sigma_rel(sigma_rel)
+
+    def width(log_tau: float) -> float:
+        return make(math.exp(log_tau)).std(out) / out
+
+    lo, hi = math.log(1e-3), math.log(100.0 * out)
+    # The width rises with tau, peaks, then falls as the initial copy takes over.
+    peak = scipy.optimize.minimize_scalar(
+        lambda x: -width(x), bounds=(lo, hi), method="bounded", options={"xatol": 1e-4}
+    )
+    widest = width(float(peak.x))
+    if not (width(lo) < sigma_rel < widest):
+        raise ValueError(
+            f"no {name} schedule has sigma_rel={sigma_rel!r} at step={out!r}: the reachable widths are "
+            f"({width(lo):.3g}, {widest:.4f})"
+        )
+    root = scipy.optimize.brentq(lambda x: width(x) - sigma_rel, lo, float(peak.x), xtol=1e-13, rtol=1e-14)
+    return math.exp(float(root))
+
+
+def target_products(
+    schedule: Schedule | float,
+    out_step: float,
+    in_steps: ArrayLike,
+    in_gammas: ArrayLike,
+    *,
+    update_steps: ArrayLike | None = None,
+) -> tuple[FloatArray, float]:
+    """What a least-squares reconstruction of ``schedule`` read at ``out_step`` needs from it.
+
+    Reconstructing a target profile ``p`` from snapshot profiles ``f_k`` (EDM2
+    Sec. 3.3, Algorithm 3) solves ``G c = b`` with the Gram matrix
+    ``G_kl = <f_k, f_l>`` (``profiles.profile_inner_product``, eq. 151) and
+    ``b_k = <f_k, p>``; its predicted relative error is
+    ``sqrt(c.G.c - 2 c.b + <p, p>) / sqrt(<p, p>)``. This gives ``b`` and
+    ``<p, p>`` for any schedule: eq. 151 for a power function, and for the
+    classic EMAs the exact sums of :meth:`Schedule.cross` and
+    :meth:`Schedule.norm_sq` over their updates (every integer step up to
+    ``out_step`` unless ``update_steps`` says otherwise).
+
+    Args:
+        schedule: the target (a sigma_rel means its power-function EMA).
+        out_step: when the target EMA is read.
+        in_steps, in_gammas: the snapshots' steps and exponents (broadcast, flattened).
+        update_steps: the target's update steps; default every integer step up to ``out_step``.
+
+    Returns:
+        ``(cross, norm_sq)``: a float64 array ``[n_in]`` and a float.
+
+    Raises:
+        ValueError: for bad steps or gammas, or a target with no update by ``out_step``.
+
+    Example:
+        >>> cross, norm_sq = target_products(0.1, 1000, [1000], [6.937203937601806])
+        >>> bool(np.isclose(cross[0], norm_sq))  # the snapshot is the target itself
+        True
+    """
+    target = as_schedule(schedule)
+    return (
+        target.cross(out_step, in_steps, in_gammas, update_steps=update_steps),
+        target.norm_sq(out_step, update_steps=update_steps),
+    )
