@@ -19,7 +19,7 @@ from typing import Any
 from posthoc_ema.dtypes import FLOATING_DTYPES
 from posthoc_ema.errors import SnapshotError
 from posthoc_ema.files import TMP_SUFFIX
-from posthoc_ema.snapshots import SUFFIX, SnapshotInfo, read_info
+from posthoc_ema.snapshots import DEFAULT_PREFIX, SUFFIX, SnapshotInfo, read_info
 
 __all__ = ["describe"]
 
@@ -120,9 +120,14 @@ def describe(folder: str | os.PathLike[str]) -> dict[str, Any]:
         return summary
     runs = Counter(i.run_id for i in snapshots if i.run_id is not None)
     summary["runs"] = dict(sorted(runs.items()))
-    if len(runs) > 1:
-        listed = ", ".join(f"{run} ({n})" for run, n in sorted(runs.items()))
-        oddities.append(f"mixes {len(runs)} runs: {listed}")
+    # Runs are told apart within a prefix: trackers of different prefixes (a GAN's
+    # generator and discriminator) share a folder by design.
+    for prefix in sorted({i.prefix for i in snapshots}):
+        of_prefix = Counter(i.run_id for i in snapshots if i.prefix == prefix and i.run_id is not None)
+        if len(of_prefix) > 1:
+            listed = ", ".join(f"{run} ({n})" for run, n in sorted(of_prefix.items()))
+            where = "" if prefix == DEFAULT_PREFIX else f" of prefix {prefix!r}"
+            oddities.append(f"mixes {len(of_prefix)} runs{where}: {listed}")
     steps = sorted({i.step for i in snapshots})
     gaps = Counter(b - a for a, b in itertools.pairwise(steps))
     spacing = gaps.most_common(1)[0][0] if gaps else None

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from helpers import write_snapshot
 
 from posthoc_ema import PostHocEMA, SnapshotError, list_snapshots, synthesize
 from posthoc_ema.files import TMP_SUFFIX, atomic_path, temporary_name
+from posthoc_ema.folders import describe
 from posthoc_ema.snapshots import mixed_runs
 
 
@@ -281,3 +283,16 @@ def test_a_dropped_tracker_releases_its_folder(tmp_path):
     again.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("posthoc-ema-writer")]
     assert [i.step for i in list_snapshots(tmp_path)] == [1, 2]
+
+
+def test_info_does_not_call_two_prefixes_a_mix_of_runs(tmp_path: Path) -> None:
+    folder = tmp_path / "gan"
+    for prefix, seed in (("generator", 0), ("discriminator", 1)):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        with PostHocEMA(model, (0.05, 0.10), snapshot_dir=folder, snapshot_every=5, prefix=prefix) as emas:
+            for _ in range(10):
+                emas.update()
+    summary = describe(folder)
+    assert len(summary["runs"]) == 2
+    assert not any("mixes" in line for line in summary["oddities"])
