@@ -566,7 +566,9 @@ def sweep_command(
     targets: list[float] = sigma_rel  # type: ignore[assignment]  # converted by the callback
     with _library_errors(), _shown_warnings():
         _check_device(device)
-        _checked_plan(ckpt_dir, targets, step)  # headers only: refuse bad targets before any work
+        with warnings.catch_warnings():  # command_sweep plans again, and warns then
+            warnings.simplefilter("ignore", PoorReconstructionWarning)
+            _checked_plan(ckpt_dir, targets, step)  # headers only: refuse bad targets before any work
         result = command_sweep(
             ckpt_dir,
             targets,
