@@ -1,12 +1,14 @@
 """posthoc-ema: choose your EMA after training (EDM2 power-function EMA, post-hoc synthesis)."""
 
 from posthoc_ema._version import __version__
+from posthoc_ema.checkpoints import CheckpointPlan, from_checkpoints, plan_checkpoints
 from posthoc_ema.errors import (
     EvaluationError,
     PoorReconstructionWarning,
     PostHocEMAError,
     SnapshotError,
     SnapshotWriteError,
+    UnresolvedProfileWarning,
 )
 from posthoc_ema.profiles import (
     MAX_SIGMA_REL,
@@ -31,6 +33,7 @@ from posthoc_ema.tracker import PostHocEMA
 __all__ = [
     "ERROR_WARNING_THRESHOLD",
     "MAX_SIGMA_REL",
+    "CheckpointPlan",
     "EvaluationError",
     "Plan",
     "PoorReconstructionWarning",
@@ -41,10 +44,13 @@ __all__ = [
     "SnapshotWriteError",
     "SweepResult",
     "SweepRow",
+    "UnresolvedProfileWarning",
     "__version__",
+    "from_checkpoints",
     "gamma_to_sigma_rel",
     "list_snapshots",
     "plan",
+    "plan_checkpoints",
     "power_beta",
     "profile_inner_product",
     "reconstruction_error",

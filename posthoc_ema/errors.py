@@ -14,6 +14,7 @@ __all__ = [
     "PostHocEMAError",
     "SnapshotError",
     "SnapshotWriteError",
+    "UnresolvedProfileWarning",
 ]
 
 
@@ -39,3 +40,7 @@ class EvaluationError(PostHocEMAError, RuntimeError):
 
 class PoorReconstructionWarning(UserWarning):
     """The snapshots reproduce a requested profile only roughly (see :attr:`~posthoc_ema.Plan.errors`)."""
+
+
+class UnresolvedProfileWarning(PoorReconstructionWarning):
+    """Plain checkpoints too sparse to resolve a target profile (see :class:`~posthoc_ema.CheckpointPlan`)."""
