@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -202,11 +201,3 @@ def test_pytorch_lightning_package_name(tmp_path: Path) -> None:
     trainer.fit(Module(), _loader())
     assert isinstance(ema, ptl.Callback) and ema.emas.step == 3
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
-
-
-def test_missing_lightning_is_a_clear_import_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("lightning", "lightning.pytorch", "pytorch_lightning", "posthoc_ema.integrations.lightning"):
-        monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.delitem(sys.modules, "posthoc_ema.integrations.lightning")
-    with pytest.raises(ImportError, match=r"needs Lightning: pip install 'posthoc-ema\[lightning\]'"):
-        import posthoc_ema.integrations.lightning  # noqa: F401
