@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +203,59 @@ def test_pytorch_lightning_package_name(tmp_path: Path) -> None:
     trainer.fit(Module(), _loader())
     assert isinstance(ema, ptl.Callback) and ema.emas.step == 3
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
+
+
+DDP_SCRIPT = """
+import sys
+import torch
+import lightning.pytorch as pl
+from posthoc_ema.integrations.lightning import PostHocEMACallback
+
+
+class Module(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+if __name__ == "__main__":
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
+    ema = PostHocEMACallback(sigma_rels=(0.05, 0.10), snapshot_dir=sys.argv[1], snapshot_every=2)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, callbacks=[ema], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Module(), data)
+    wrote = ema.emas._writer is not None  # only a rank that wrote a snapshot started a writer
+    print(f"rank {trainer.global_rank} step {ema.emas.step} wrote {wrote}")
+"""
+
+
+@pytest.mark.slow
+def test_under_ddp_every_rank_updates_and_rank_zero_writes(tmp_path: Path) -> None:
+    import subprocess
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "snaps")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(line for line in out.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0 step 4 wrote True",
+        "rank 1 step 4 wrote False",
+    ]
+    names = sorted(p.name for p in (tmp_path / "snaps").iterdir())
+    assert len(names) == 4 and all(n.endswith(".safetensors") for n in names)  # 2 sigma_rels x steps 2, 4; no .tmp left
