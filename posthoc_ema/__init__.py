@@ -2,6 +2,7 @@
 
 from posthoc_ema import schedules
 from posthoc_ema._version import __version__
+from posthoc_ema.checkpoints import CheckpointPlan, from_checkpoints, plan_checkpoints
 from posthoc_ema.errors import (
     EvaluationError,
     ModelChangedError,
@@ -10,6 +11,7 @@ from posthoc_ema.errors import (
     RoundingWarning,
     SnapshotError,
     SnapshotWriteError,
+    UnresolvedProfileWarning,
 )
 from posthoc_ema.profiles import (
     MAX_SIGMA_REL,
@@ -34,6 +36,7 @@ from posthoc_ema.tracker import PostHocEMA
 __all__ = [
     "ERROR_WARNING_THRESHOLD",
     "MAX_SIGMA_REL",
+    "CheckpointPlan",
     "EvaluationError",
     "ModelChangedError",
     "Plan",
@@ -46,10 +49,13 @@ __all__ = [
     "SnapshotWriteError",
     "SweepResult",
     "SweepRow",
+    "UnresolvedProfileWarning",
     "__version__",
+    "from_checkpoints",
     "gamma_to_sigma_rel",
     "list_snapshots",
     "plan",
+    "plan_checkpoints",
     "power_beta",
     "profile_inner_product",
     "reconstruction_error",

@@ -677,6 +677,67 @@ def _image_path(output: Path | None, default: str) -> Path:
     return output if output.suffix else output.with_name(output.name + ".png")
 
 
+class InterpolationChoice(str, enum.Enum):
+    piecewise_constant = "piecewise-constant"
+    trapezoidal = "trapezoidal"
+
+
+@app.command("from-checkpoints")
+def from_checkpoints_command(
+    run_dir: Annotated[
+        Path, typer.Argument(help="Folder of plain model checkpoints (no tracker).", show_default=False)
+    ],
+    sigma_rel: SigmaRels,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", metavar="PATH", help="Output file (one target) or folder.", show_default=False),
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option(help="Entry of torch.save files holding the state dict, e.g. state_dict.")
+    ] = None,
+    step_pattern: Annotated[
+        str | None, typer.Option(help=r"Regex with one group for the step in file names, e.g. 'step=(\d+)'.")
+    ] = None,
+    glob: Annotated[str, typer.Option(help="Which paths under RUN_DIR are checkpoints.")] = "*",
+    interpolation: Annotated[
+        InterpolationChoice, typer.Option(help="The trajectory assumed between checkpoints.")
+    ] = InterpolationChoice.piecewise_constant,
+    step: Step = None,
+    dtype: Annotated[OutputDtype, typer.Option(help="Dtype of the floating tensors written.")] = OutputDtype.float32,
+) -> None:
+    """The EMA of each target sigma_rel from plain checkpoints of a finished run (no tracker needed).
+
+    Each checkpoint is a sample of the trajectory, weighted by the target profile
+    integrated against the interpolation. Prints how well the checkpoints resolve
+    each target (effective number of checkpoints, profile mass per interval).
+    The same as ``synthesize --from-checkpoints`` in the issue's wording.
+    """
+    from posthoc_ema import checkpoints
+
+    targets: list[float] = sigma_rel  # type: ignore[assignment]  # converted by the callback
+    with _library_errors():
+        with _shown_warnings():
+            the_plan = checkpoints.plan_checkpoints(
+                run_dir,
+                targets,
+                step_pattern=step_pattern,
+                glob=glob,
+                interpolation=interpolation.value,
+                step=step,
+            )
+        typer.echo(the_plan.format_report())
+        names = [_default_name(s, the_plan.step) for s in the_plan.sigma_rels]
+        if len(names) == 1 and (output is None or not output.is_dir()):
+            paths = [output if output is not None else Path(names[0])]
+        else:
+            paths = [(output if output is not None else Path(".")) / name for name in names]
+        state_dicts = checkpoints.run_checkpoints(the_plan, key=key, dtype=dtype.value)
+        for index, (target, path) in enumerate(zip(the_plan.sigma_rels, paths, strict=True)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            checkpoints.save(path, state_dicts[target], the_plan, index)
+            typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     """Entry point of the ``posthoc-ema`` console script."""
     app(prog_name="posthoc-ema")

@@ -18,6 +18,7 @@ __all__ = [
     "RoundingWarning",
     "SnapshotError",
     "SnapshotWriteError",
+    "UnresolvedProfileWarning",
 ]
 
 
@@ -58,3 +59,7 @@ class PoorReconstructionWarning(UserWarning):
 class RoundingWarning(PoorReconstructionWarning):
     """The rounding of 16-bit snapshots, amplified by the coefficients, dominates a target's error
     (see :attr:`~posthoc_ema.Plan.rounding_errors`)."""
+
+
+class UnresolvedProfileWarning(PoorReconstructionWarning):
+    """Plain checkpoints too sparse to resolve a target profile (see :class:`~posthoc_ema.CheckpointPlan`)."""

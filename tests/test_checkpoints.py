@@ -1,0 +1,296 @@
+"""EMAs from plain checkpoints: the weights against quadrature, convergence on known trajectories, the reading rules."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.integrate
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import posthoc_ema
+from posthoc_ema import SnapshotError, UnresolvedProfileWarning, sigma_rel_to_gamma
+from posthoc_ema.checkpoints import checkpoint_weights, find_checkpoints, plan_checkpoints
+
+INTERPOLATIONS = ("piecewise-constant", "trapezoidal")
+
+
+def _hat(steps: list[float], k: int, t: float) -> float:
+    """The interpolation's basis function of sample k at time t (constant before the first sample)."""
+    if k == 0 and t <= steps[0]:
+        return 1.0
+    if k > 0 and steps[k - 1] <= t <= steps[k]:
+        return (t - steps[k - 1]) / (steps[k] - steps[k - 1])
+    if k < len(steps) - 1 and steps[k] <= t <= steps[k + 1]:
+        return (steps[k + 1] - t) / (steps[k + 1] - steps[k])
+    return 0.0
+
+
+def _box(steps: list[float], k: int, t: float) -> float:
+    lo = steps[k - 1] if k else 0.0
+    return 1.0 if lo < t <= steps[k] else 0.0
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+@pytest.mark.parametrize("sigma_rel", [0.03, 0.1, 0.25])
+def test_weights_are_the_profile_integrated_against_the_interpolation(interpolation: str, sigma_rel: float) -> None:
+    steps = [0.0, 3.0, 5.0, 11.0, 12.0, 20.0]
+    out = 20.0
+    gamma = float(sigma_rel_to_gamma(sigma_rel))
+    basis = _hat if interpolation == "trapezoidal" else _box
+
+    def density(t: float) -> float:  # EDM2 eq. 121
+        return (gamma + 1) * t**gamma / out ** (gamma + 1)
+
+    expected = [
+        scipy.integrate.quad(lambda t, k=k: density(t) * basis(steps, k, t), 0, out, points=steps, epsabs=1e-15)[0]
+        for k in range(len(steps))
+    ]
+    w = checkpoint_weights(steps, gamma, out, interpolation=interpolation)  # type: ignore[arg-type]
+    np.testing.assert_allclose(w[:, 0], expected, rtol=1e-9, atol=1e-14)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    gaps=st.lists(st.integers(1, 1000), min_size=1, max_size=30),
+    start=st.integers(0, 50),
+    sigma_rels=st.lists(st.floats(0.01, 0.28), min_size=1, max_size=3),
+    interpolation=st.sampled_from(INTERPOLATIONS),
+)
+def test_weights_sum_to_one_and_are_non_negative(
+    gaps: list[int], start: int, sigma_rels: list[float], interpolation: str
+) -> None:
+    steps = np.cumsum([start, *gaps]).astype(float)
+    w = checkpoint_weights(steps, sigma_rel_to_gamma(sigma_rels), steps[-1], interpolation=interpolation)  # type: ignore[arg-type]
+    np.testing.assert_allclose(w.sum(axis=0), 1.0, rtol=1e-12)
+    assert np.all(w >= -1e-15)
+
+
+def test_weights_reject_bad_steps() -> None:
+    with pytest.raises(ValueError, match="steps must increase"):
+        checkpoint_weights([2, 1], 1.0, 2)
+    with pytest.raises(ValueError, match="interpolation='linear' is not one of"):
+        checkpoint_weights([1, 2], 1.0, 2, interpolation="linear")  # type: ignore[arg-type]
+
+
+# -- known trajectories -------------------------------------------------------
+
+T_END = 1000
+FREQUENCIES = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)
+
+
+def _theta(t: float) -> dict[str, torch.Tensor]:
+    """A smooth trajectory: sines of several frequencies, plus a polynomial, and an integer counter."""
+    u = t / T_END
+    return {
+        "w": torch.sin(FREQUENCIES * 2 * u + 0.3),
+        "b": torch.tensor([1.0 + 2.0 * u - 3.0 * u**3], dtype=torch.float64),
+        "count": torch.tensor(int(t)),
+    }
+
+
+def _exact(sigma_rel: float) -> dict[str, np.ndarray]:
+    gamma = float(sigma_rel_to_gamma(sigma_rel))
+
+    def density(t: float) -> float:
+        return (gamma + 1) * t**gamma / T_END ** (gamma + 1)
+
+    w = [
+        scipy.integrate.quad(lambda t, f=f: density(t) * np.sin(f * 2 * t / T_END + 0.3), 0, T_END, epsabs=1e-15)[0]
+        for f in FREQUENCIES.tolist()
+    ]
+    # int u**j f = (gamma + 1) / (gamma + 1 + j) for u = t / T.
+    b = 1.0 + 2.0 * (gamma + 1) / (gamma + 2) - 3.0 * (gamma + 1) / (gamma + 4)
+    return {"w": np.array(w), "b": np.array([b])}
+
+
+def _write_run(folder: Path, n: int, *, at_zero: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    steps = np.linspace(0 if at_zero else T_END / n, T_END, n + 1 if at_zero else n)
+    for s in steps:
+        step = round(float(s))
+        save_file(_theta(step), str(folder / f"model-{step:06d}.safetensors"), metadata={"step": str(step)})
+    return folder
+
+
+def _max_error(sd: dict[str, torch.Tensor], exact: dict[str, np.ndarray]) -> float:
+    return max(float(np.max(np.abs(sd[k].numpy() - v))) for k, v in exact.items())
+
+
+def convergence_table(tmp: Path, sigma_rel: float) -> list[tuple[int, float, float]]:
+    """(checkpoint spacing, max error piecewise-constant, max error trapezoidal) for denser and denser runs."""
+    exact = _exact(sigma_rel)
+    rows = []
+    for n in (10, 20, 40, 80, 160):
+        run = _write_run(tmp / f"n{n}", n)
+        errors = []
+        for interpolation in INTERPOLATIONS:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UnresolvedProfileWarning)  # the coarsest runs are sparse on purpose
+                sds = posthoc_ema.from_checkpoints(run, [sigma_rel], interpolation=interpolation, dtype=torch.float64)
+            errors.append(_max_error(sds[sigma_rel], exact))
+        rows.append((T_END // n, *errors))
+    return rows
+
+
+@pytest.mark.parametrize("sigma_rel", [0.05, 0.15])
+def test_converges_to_the_exact_ema_as_checkpoints_get_denser(tmp_path: Path, sigma_rel: float) -> None:
+    rows = convergence_table(tmp_path, sigma_rel)
+    constant = np.array([r[1] for r in rows])
+    trapezoid = np.array([r[2] for r in rows])
+    assert np.all(np.diff(constant) < 0) and np.all(np.diff(trapezoid) < 0)
+    # First order for piecewise constant, second order for the trapezoid, once the spacing resolves the profile.
+    np.testing.assert_allclose(constant[-1] / constant[-2], 0.5, atol=0.05)
+    np.testing.assert_allclose(trapezoid[-1] / trapezoid[-2], 0.25, atol=0.03)
+    assert trapezoid[-1] < constant[-1] / 100
+
+
+def test_trapezoidal_is_exact_for_a_linear_trajectory(tmp_path: Path) -> None:
+    steps = [0, 7, 30, 31, 90, 200]
+    for s in steps:
+        save_file(
+            {"x": torch.tensor([2.0, -1.0], dtype=torch.float64) * s / 200 + 0.5},
+            str(tmp_path / f"{s}.safetensors"),
+            metadata={"step": str(s)},
+        )
+    gamma = float(sigma_rel_to_gamma(0.1))
+    with pytest.warns(UnresolvedProfileWarning):  # six samples are sparse, but a linear trajectory needs only two
+        sd = posthoc_ema.from_checkpoints(tmp_path, 0.1, interpolation="trapezoidal", dtype=torch.float64)[0.1]
+    mean_u = (gamma + 1) / (gamma + 2)  # the profile's mean time, in units of the last step
+    np.testing.assert_allclose(sd["x"].numpy(), np.array([2.0, -1.0]) * mean_u + 0.5, rtol=0, atol=1e-13)
+
+
+def test_integer_tensors_come_from_the_last_checkpoint_and_the_result_loads_strict(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    for step in (100, 200, 300):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+            model[1].num_batches_tracked.fill_(step)
+        torch.save({"state_dict": model.state_dict(), "global_step": step}, tmp_path / f"epoch={step}.ckpt")
+    with pytest.warns(UnresolvedProfileWarning):
+        sds = posthoc_ema.from_checkpoints(tmp_path, [0.2, 0.25], key="state_dict", interpolation="trapezoidal")
+    for sd in sds.values():
+        assert int(sd["1.num_batches_tracked"]) == 300
+        model.load_state_dict(sd, strict=True)
+    assert list(sds[0.2]) == list(model.state_dict())
+
+
+# -- reading checkpoints ----------------------------------------------------------
+
+
+def test_step_sources_in_order(tmp_path: Path) -> None:
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "a-step=5.safetensors"), metadata={"global_step": "10"})
+    torch.save({"x": torch.zeros(1), "step": torch.tensor(20)}, tmp_path / "b-step=6.pt")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "c-step=30.pt")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    found = find_checkpoints(tmp_path, step_pattern=r"step=(\d+)")
+    assert [(c.path.name, c.step, c.step_source) for c in found] == [
+        ("a-step=5.safetensors", 10, "metadata"),
+        ("b-step=6.pt", 20, "entry"),
+        ("c-step=30.pt", 30, "file name"),
+    ]
+
+
+def test_hugging_face_layout_through_glob_and_pattern(tmp_path: Path) -> None:
+    for step in (10, 20):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        save_file({"x": torch.full((2,), float(step))}, str(tmp_path / f"checkpoint-{step}" / "model.safetensors"))
+    with pytest.warns(UnresolvedProfileWarning):
+        sd = posthoc_ema.from_checkpoints(
+            tmp_path, 0.25, glob="checkpoint-*/model.safetensors", step_pattern=r"checkpoint-(\d+)/"
+        )[0.25]
+    gamma = float(sigma_rel_to_gamma(0.25))
+    w20 = 1 - 0.5 ** (gamma + 1)
+    torch.testing.assert_close(sd["x"], torch.full((2,), 10 * (1 - w20) + 20 * w20), rtol=1e-6, atol=0)
+
+
+def test_errors_name_the_file(tmp_path: Path) -> None:
+    torch.save({"x": torch.zeros(1)}, tmp_path / "nostep.pt")
+    with pytest.raises(
+        SnapshotError,
+        match=re.escape(f"{tmp_path / 'nostep.pt'}: no step: no 'step' or 'global_step' entry; give step_pattern="),
+    ):
+        find_checkpoints(tmp_path)
+    with pytest.raises(SnapshotError, match="does not match its name"):
+        find_checkpoints(tmp_path, step_pattern=r"step=(\d+)")
+    with pytest.raises(ValueError, match="has 0 groups; it needs exactly one"):
+        find_checkpoints(tmp_path, step_pattern=r"step=\d+")
+    with pytest.raises(SnapshotError, match="no checkpoints"):
+        find_checkpoints(tmp_path / "missing" if False else tmp_path, glob="*.safetensors")
+    with pytest.raises(SnapshotError, match="not a folder"):
+        find_checkpoints(tmp_path / "missing")
+
+
+def test_repeated_step_and_snapshot_files_are_refused(tmp_path: Path) -> None:
+    torch.save({"x": torch.zeros(1), "step": 5}, tmp_path / "a.pt")
+    torch.save({"x": torch.zeros(1), "step": 5}, tmp_path / "b.pt")
+    with pytest.raises(SnapshotError, match=r"b\.pt and .*a\.pt are both checkpoints of step 5"):
+        find_checkpoints(tmp_path)
+    other = tmp_path / "snaps"
+    emas = posthoc_ema.PostHocEMA(torch.nn.Linear(1, 1), 0.1, snapshot_dir=other, snapshot_every=1)
+    emas.update()
+    emas.close()
+    with pytest.raises(SnapshotError, match="is a posthoc-ema snapshot, not a plain checkpoint"):
+        find_checkpoints(other)
+
+
+@pytest.mark.filterwarnings("ignore::posthoc_ema.UnresolvedProfileWarning")
+def test_key_and_layout_errors(tmp_path: Path) -> None:
+    torch.save({"model": {"x": torch.zeros(2)}, "step": 1}, tmp_path / "a.pt")
+    torch.save({"model": {"x": torch.zeros(3)}, "step": 2}, tmp_path / "b.pt")
+    with pytest.raises(
+        SnapshotError,
+        match=r"a\.pt: no tensors at the top level \(entries: \['model', 'step'\]\); choose the nested state dict",
+    ):
+        posthoc_ema.from_checkpoints(tmp_path, 0.28)
+    with pytest.raises(SnapshotError, match=r"no entry 'state_dict' \(top-level entries: \['model', 'step'\]\)"):
+        posthoc_ema.from_checkpoints(tmp_path, 0.28, key="state_dict")
+    with pytest.raises(SnapshotError, match=r"b\.pt: tensor 'x' has shape \(3,\) here, not as in .*a\.pt"):
+        posthoc_ema.from_checkpoints(tmp_path, 0.28, key="model")
+
+
+def test_plan_reports_resolution_and_warns_when_sparse(tmp_path: Path) -> None:
+    run = _write_run(tmp_path, 10)
+    with pytest.warns(UnresolvedProfileWarning, match=r"1 of 2 targets \(sigma_rel 0\.02\) rest on fewer than 4"):
+        p = plan_checkpoints(run, [0.02, 0.2])
+    assert p.unresolved.tolist() == [True, False]
+    np.testing.assert_allclose(p.interval_mass.sum(axis=0), 1.0)
+    np.testing.assert_allclose(p.effective_checkpoints, 1 / np.sum(p.weights**2, axis=0))
+    report = p.format_report()
+    assert "11 checkpoints up to step 1000, piecewise-constant interpolation" in report
+    assert f"(900, 1000] {p.interval_mass[-1, 0]:.1%}" in report
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dense = plan_checkpoints(_write_run(tmp_path / "dense", 200), [0.05])
+    assert dense.effective_checkpoints[0] > MIN_EFFECTIVE
+    with pytest.raises(ValueError, match="step=555 is not a checkpoint step"):
+        plan_checkpoints(run, [0.2], step=555)
+    with pytest.warns(UnresolvedProfileWarning, match="too sparse near step 500"):
+        p500 = plan_checkpoints(run, [0.2], step=500)
+    assert p500.step == 500 and p500.checkpoints[-1].step == 500
+
+
+MIN_EFFECTIVE = posthoc_ema.checkpoints.MIN_EFFECTIVE_CHECKPOINTS
+
+
+def test_cli_from_checkpoints(tmp_path: Path) -> None:
+    from helpers import invoke
+
+    run = _write_run(tmp_path / "run", 40)
+    out = tmp_path / "ema.safetensors"
+    stdout, _ = invoke("from-checkpoints", run, "--sigma-rel", "0.1", "--interpolation", "trapezoidal", "-o", out)
+    assert "41 checkpoints up to step 1000, trapezoidal interpolation" in stdout
+    expected = posthoc_ema.from_checkpoints(run, 0.1, interpolation="trapezoidal")[0.1]
+    from safetensors.torch import load_file
+
+    got = load_file(str(out))
+    assert got.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
