@@ -35,6 +35,7 @@ from posthoc_ema._version import __version__
 from posthoc_ema.errors import SnapshotError
 from posthoc_ema.files import TMP_SUFFIX
 from posthoc_ema.plots import plot_error_curve, plot_profile, plot_sweep
+from posthoc_ema.sharded import parse_size, synthesize_sharded
 from posthoc_ema.snapshots import SUFFIX, SnapshotInfo, read_info
 from posthoc_ema.sweeps import RESULTS_CSV, RESULTS_JSON, SweepRow, command_sweep
 from posthoc_ema.synthesis import (
@@ -259,6 +260,24 @@ def _output_paths(output: Path | None, the_plan: Plan) -> list[Path]:
     return [folder / name for name in names]
 
 
+def _size_option(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_size(value)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
+    return value
+
+
+def _shard_folders(output: Path | None, the_plan: Plan) -> list[Path]:
+    """One folder of shards per target: ``-o`` itself for one target, else ema-SIGMA-STEP/ inside ``-o``."""
+    names = [_default_name(s, the_plan.step).removesuffix(SUFFIX) for s in the_plan.sigma_rels]
+    if len(names) == 1 and output is not None:
+        return [output]
+    folder = output if output is not None else Path(".")
+    return [folder / name for name in names]
+
+
 # -- commands ---------------------------------------------------------------------
 
 CkptDir = Annotated[
@@ -316,6 +335,16 @@ def synthesize(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan and the coefficients; read and write no tensors.")
     ] = False,
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option(
+            metavar="SIZE",
+            help="Write each target as a folder of Hugging Face style shards of at most SIZE (e.g. 2GB, 500MiB), "
+            "built one shard at a time so memory stays at about targets x SIZE.",
+            callback=_size_option,
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Synthesize the EMA of each target sigma_rel and write it as a safetensors file.
 
@@ -339,6 +368,16 @@ def synthesize(
             _print_report(the_plan)
         if dry_run:
             _print_coefficients(the_plan)
+            return
+        if max_shard_size is not None:
+            folders = _shard_folders(output, the_plan)
+            with _progress_bar("synthesizing") as progress:
+                written = synthesize_sharded(
+                    the_plan, folders, max_shard_size=max_shard_size, device=device.value, dtype=dtype.value,
+                    progress=progress,
+                )  # fmt: skip
+            for path in written:
+                typer.echo(f"wrote {path}")
             return
         paths = _output_paths(output, the_plan)
         for path in paths:

@@ -479,8 +479,24 @@ def synthesize(
     return synthesize_many(snapshot_dir, [sigma_rel], step=step, device=device, dtype=dtype)[sigma_rel]
 
 
-def save(path: str | os.PathLike[str], state_dict: StateDict, the_plan: Plan, index: int) -> None:
-    """Write target ``index`` of a plan atomically as a self-describing safetensors file."""
+def save(
+    path: str | os.PathLike[str],
+    state_dict: StateDict,
+    the_plan: Plan,
+    index: int,
+    *,
+    max_shard_size: int | str | None = None,
+) -> None:
+    """Write target ``index`` of a plan atomically as a self-describing safetensors file.
+
+    With ``max_shard_size`` (bytes, or a text such as ``"2GB"``), ``path`` is a
+    folder of Hugging Face style shards instead (:func:`posthoc_ema.sharded.save_sharded`).
+    """
+    if max_shard_size is not None:
+        from posthoc_ema.sharded import save_sharded  # it builds on this module
+
+        save_sharded(path, state_dict, the_plan, index, max_shard_size=max_shard_size)
+        return
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in state_dict.items()}
     meta = the_plan.metadata(index)
     meta["dtype"] = dtype_name(next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32))
