@@ -789,6 +789,7 @@ def prune_command(
         typer.echo(f"predicted error over {_range_text(the_plan.sigma_rels)}:")
         typer.echo(f"  before: {_errors(the_plan.errors_before)}")
         typer.echo(f"  after:  {_errors(the_plan.errors_after)}")
+        typer.echo(f"  (keeping the newest {len(the_plan.keep)} instead: {_errors(the_plan.errors_last)})")
         if not the_plan.remove:
             typer.echo("nothing to delete: the folder fits the budget")
             return

@@ -209,6 +209,8 @@ class RetentionPlan:
         errors_after: predicted error of each target with the kept snapshots only.
         bytes_before: bytes of every snapshot.
         bytes_after: bytes of the kept ones.
+        errors_last: for comparison, the predicted errors had the same number of
+            files been kept from the end (the newest ones).
     """
 
     step: int
@@ -219,6 +221,7 @@ class RetentionPlan:
     errors_after: FloatArray
     bytes_before: int
     bytes_after: int
+    errors_last: FloatArray
 
 
 def plan_retention(
@@ -278,6 +281,7 @@ def plan_retention(
         errors_after=predicted_errors(steps[kept], sigmas[kept], out_step, targets),
         bytes_before=int(sizes.sum()),
         bytes_after=int(sizes[kept].sum()),
+        errors_last=predicted_errors(steps[-len(keep) :], sigmas[-len(keep) :], out_step, targets),
     )
 
 

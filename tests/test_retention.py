@@ -135,7 +135,9 @@ def test_pruning_keeps_the_error_it_reports(run40: Path) -> None:
     np.testing.assert_allclose(after.errors, retention.errors_after, rtol=1e-9, atol=1e-12)
     # And far better than keeping the last 12 files.
     steps, sigmas = schedule(40)
-    assert retention.errors_after.max() < 0.7 * predicted_errors(steps[-12:], sigmas[-12:], 4000, RANGE).max()
+    last = predicted_errors(steps[-12:], sigmas[-12:], 4000, RANGE)
+    np.testing.assert_allclose(retention.errors_last, last, rtol=1e-9)
+    assert retention.errors_after.max() < 0.7 * last.max()
 
 
 def test_byte_budget_of_a_folder(run40: Path) -> None:
@@ -213,6 +215,7 @@ def test_prune_is_a_dry_run_without_apply(run40: Path) -> None:
     assert "dry run: nothing deleted; add --apply" in out
     before, after = retention.errors_before.max(), retention.errors_after.max()
     assert f"max {before:.2%}" in out and f"max {after:.2%}" in out
+    assert f"keeping the newest 12 instead: max {retention.errors_last.max():.2%}" in out
     out, _ = invoke("prune", run40, "--sigma-rel", "0.03:0.25", "--max-snapshots", "12", "--apply")
     assert out.count("deleted ") == 68
     assert sorted(run40.iterdir()) == sorted(i.path for i in retention.keep)
