@@ -766,9 +766,9 @@ def prune_command(
 ) -> None:
     """Thin a snapshot folder to a disk budget, keeping the predicted error over a sigma_rel range lowest.
 
-    Recent snapshots stay dense and old ones become sparse. Without --apply this is
-    a dry run: it reports which files would go and the predicted error before
-    and after, and deletes nothing.
+    Narrow targets keep recent snapshots dense; wide ones keep some old snapshots
+    spread over the run. Without --apply this is a dry run: it reports which
+    files would go and the predicted error before and after, and deletes nothing.
     """
     targets = _sigma_rel_range(sigma_rel)
     if budget is None and max_snapshots is None:

@@ -5,8 +5,9 @@ snapshots of a long run cover only its end, so a wide EMA can no longer be
 built. :func:`plan_retention` instead chooses which snapshot files to keep under
 a byte or file budget so that the predicted error (the relative L2 error of
 the reconstructed profile, :func:`~posthoc_ema.profiles.reconstruction_error`)
-over a range of target sigma_rels at the latest step stays lowest. The result
-keeps recent snapshots dense and old ones sparse. Nothing is deleted until
+over a range of target sigma_rels at the latest step stays lowest. Narrow
+targets keep the recent snapshots dense; the wide end of the range keeps some
+old snapshots spread over the run. Nothing is deleted until
 :func:`apply_retention` is called with the plan.
 
 The choice is greedy and forward: the snapshots of the latest step are always
