@@ -75,7 +75,7 @@ def sigma_rel_grid(lo: float, hi: float, points: int = GRID_POINTS) -> tuple[flo
 
 
 def predicted_errors(
-    steps: npt.ArrayLike, sigma_rels: npt.ArrayLike, out_step: int, targets: Sequence[float]
+    steps: npt.ArrayLike, sigma_rels: npt.ArrayLike, out_step: float, targets: npt.ArrayLike
 ) -> FloatArray:
     """The predicted error of each target at ``out_step`` from the snapshots (steps, sigma_rels), as synthesis has it.
 
@@ -101,7 +101,9 @@ def select_snapshots(
 
     The snapshots of the latest step are always kept; then, greedily, the one whose
     profile lowers the ``objective`` (the max or mean squared relative error over
-    ``targets``) most, among those that still fit the budget.
+    ``targets``) most, among those that still fit the budget. If the newest
+    snapshots that fit the budget do better (by the exact predicted errors), they
+    are returned instead, so the choice is never worse than keeping the newest.
 
     Args:
         steps: step of each snapshot.
@@ -147,7 +149,8 @@ def select_snapshots(
             f"{int(size[last].sum())} bytes; a budget of {max_bytes} bytes / {max_count} files cannot keep them"
         )
     gammas = profiles.sigma_rel_to_gamma(s)
-    out_gammas = profiles.sigma_rel_to_gamma(np.asarray(targets, dtype=np.float64).reshape(-1))
+    target_sigmas = np.asarray(targets, dtype=np.float64).reshape(-1)
+    out_gammas = profiles.sigma_rel_to_gamma(target_sigmas)
     out_t = t.max()
     # Unit-norm profiles keep every inner product O(1) whatever the step (heights go as 1/T).
     gram = profiles.profile_inner_product(t[:, None], gammas[:, None], t[None, :], gammas[None, :])
@@ -194,7 +197,21 @@ def select_snapshots(
         add(int(best))
         used_bytes += size[best]
         used_count += 1
-    return np.flatnonzero(kept)
+    chosen = np.flatnonzero(kept)
+    # The greedy choice is not optimal; make sure it is never worse than the usual
+    # alternative, the newest files that fit, judged by the exact predicted errors.
+    newest = _newest_that_fit(t, size, byte_room, count_room)
+    stat = np.max if objective == "max" else np.mean
+    errors = [stat(predicted_errors(t[k], s[k], out_t, target_sigmas)) for k in (chosen, newest)]
+    return chosen if errors[0] <= errors[1] else newest
+
+
+def _newest_that_fit(steps: FloatArray, size: FloatArray, byte_room: float, count_room: float) -> npt.NDArray[np.intp]:
+    """Indices of the newest snapshots (latest steps first) that fit in the budget, sorted."""
+    order = np.lexsort((-np.arange(steps.size), -steps))  # latest step first; within a step, the last listed
+    fits = (np.cumsum(size[order]) <= byte_room) & (np.arange(1, steps.size + 1) <= count_room)
+    n = steps.size if fits.all() else int(np.argmin(fits))
+    return np.sort(order[:n])
 
 
 @dataclass(frozen=True)
