@@ -36,6 +36,8 @@ from posthoc_ema.commands import command_sweep
 from posthoc_ema.folders import describe
 from posthoc_ema.plots import plot_error_curve, plot_profile, plot_sweep
 from posthoc_ema.results import RESULTS_CSV, RESULTS_JSON, SweepRow
+from posthoc_ema.retention import apply_retention, estimate, plan_retention, sigma_rel_grid
+from posthoc_ema.sharded import parse_size, synthesize_sharded
 from posthoc_ema.snapshots import SUFFIX
 from posthoc_ema.synthesis import (
     ERROR_WARNING_THRESHOLD,
@@ -327,6 +329,37 @@ def _checked_plan(ckpt_dir: Path, targets: float | Sequence[float], step: int | 
     return the_plan
 
 
+def _size_option(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_size(value)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
+    return value
+
+
+def _check_shard_folders(folders: Sequence[Path], ckpt_dir: Path, *, force: bool) -> None:
+    """As :func:`_check_outputs`, for folders of shards: not the snapshot folder, not one already holding a model."""
+    snapshot_folder = ckpt_dir.resolve()
+    for folder in folders:
+        if snapshot_folder in (folder.resolve(), folder.resolve().parent):
+            raise ValueError(f"{folder} is the snapshot folder {ckpt_dir} or in it; write shards elsewhere")
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{folder} is a file; --max-shard-size writes a folder of shards")
+        held = [name for name in ("model.safetensors", "model.safetensors.index.json") if (folder / name).exists()]
+        if held and not force:
+            raise ValueError(f"{folder / held[0]} exists; pass --force to replace it")
+
+
+def _shard_folders(output: Path | None, the_plan: Plan) -> list[Path]:
+    """One folder of shards per target: ``-o`` itself for one target, else ema-SIGMA-STEP/ inside ``-o``."""
+    names = [_default_name(s, the_plan.step).removesuffix(SUFFIX) for s in the_plan.sigma_rels]
+    if len(names) == 1 and output is not None:
+        return [output]
+    folder = output if output is not None else Path(".")
+    return [folder / name for name in names]
+
+
 # -- commands ---------------------------------------------------------------------
 
 CkptDir = Annotated[
@@ -388,6 +421,16 @@ def synthesize(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan and the coefficients; read and write no tensors.")
     ] = False,
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option(
+            metavar="SIZE",
+            help="Write each target as a folder of Hugging Face style shards of at most SIZE (e.g. 2GB, 500MiB), "
+            "built one shard at a time so memory stays at about targets x SIZE.",
+            callback=_size_option,
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Synthesize the EMA of each target sigma_rel and write it as a safetensors file.
 
@@ -409,6 +452,17 @@ def synthesize(
             _print_report(the_plan)
         if dry_run:
             _print_coefficients(the_plan)
+            return
+        if max_shard_size is not None:
+            folders = _shard_folders(None if output is None else Path(output), the_plan)
+            _check_shard_folders(folders, ckpt_dir, force=force)
+            with _progress_bar("synthesizing") as progress:
+                written = synthesize_sharded(
+                    the_plan, folders, max_shard_size=max_shard_size, device=device.value, dtype=dtype.value,
+                    progress=progress,
+                )  # fmt: skip
+            for path in written:
+                typer.echo(f"wrote {path}")
             return
         paths = _output_paths(output, the_plan)
         _check_outputs(paths, ckpt_dir, force=force)
@@ -736,6 +790,153 @@ def from_checkpoints_command(
             path.parent.mkdir(parents=True, exist_ok=True)
             checkpoints.save(path, state_dicts[target], the_plan, index)
             typer.echo(f"wrote {path}")
+
+
+# -- disk budget -----------------------------------------------------------------------
+
+
+def _sigma_rel_range(text: str) -> tuple[float, ...]:
+    """``LO:HI`` (a grid of 25), ``START:STOP:STEP``, or numbers separated by commas."""
+    try:
+        parts = text.split(":")
+        if len(parts) == 2:
+            return sigma_rel_grid(float(_number(parts[0], text)), float(_number(parts[1], text)))
+        return tuple(parse_sigma_rels(p for p in text.split(",") if p.strip()))
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+def _gb(n_bytes: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.3g} {unit}"
+    return f"{n_bytes:.0f} B"
+
+
+def _errors(errors: Any) -> str:
+    return f"max {format_error(float(errors.max()))}, mean {format_error(float(errors.mean()))}"
+
+
+def _range_text(sigma_rels: Sequence[float]) -> str:
+    return f"sigma_rel {_fmt(min(sigma_rels))}..{_fmt(max(sigma_rels))} ({len(sigma_rels)} targets)"
+
+
+Budget = Annotated[
+    str | None,
+    typer.Option(
+        metavar="SIZE", help="Most bytes of snapshots to keep, e.g. 50GB or 200GiB.", callback=_size_option,
+        show_default=False,
+    ),
+]  # fmt: skip
+MaxSnapshots = Annotated[int | None, typer.Option(min=1, help="Most snapshot files to keep.", show_default=False)]
+
+
+@app.command("prune")
+def prune_command(
+    ckpt_dir: CkptDir,
+    sigma_rel: Annotated[
+        str,
+        typer.Option(
+            "--sigma-rel",
+            "-s",
+            metavar="LO:HI",
+            help="Target sigma_rels whose reconstruction must stay good: a range LO:HI (25 points), "
+            "START:STOP:STEP, or numbers separated by commas.",
+            show_default=False,
+        ),
+    ],
+    budget: Budget = None,
+    max_snapshots: MaxSnapshots = None,
+    objective: Annotated[
+        str, typer.Option(metavar="max|mean", help="Keep the max or the mean predicted error lowest.")
+    ] = "max",
+    apply: Annotated[bool, typer.Option("--apply", help="Delete the files; without it, only report.")] = False,
+) -> None:
+    """Thin a snapshot folder to a disk budget, keeping the predicted error over a sigma_rel range lowest.
+
+    Narrow targets keep recent snapshots dense; wide ones keep some old snapshots
+    spread over the run. Without --apply this is a dry run: it reports which
+    files would go and the predicted error before and after, and deletes nothing.
+    """
+    targets = _sigma_rel_range(sigma_rel)
+    if budget is None and max_snapshots is None:
+        raise typer.BadParameter("give --budget, --max-snapshots or both", param_hint="'--budget'")
+    if objective not in ("max", "mean"):
+        raise typer.BadParameter(f"{objective!r} is not max or mean", param_hint="'--objective'")
+    with _library_errors():
+        the_plan = plan_retention(
+            ckpt_dir, targets, budget=budget, max_snapshots=max_snapshots,
+            objective="max" if objective == "max" else "mean",
+        )  # fmt: skip
+        n_all = len(the_plan.keep) + len(the_plan.remove)
+        typer.echo(f"{ckpt_dir}: {n_all} snapshots, {_gb(the_plan.bytes_before)}; errors at step {the_plan.step}")
+        typer.echo(
+            f"keep {len(the_plan.keep)} ({_gb(the_plan.bytes_after)}), "
+            f"delete {len(the_plan.remove)} ({_gb(the_plan.bytes_before - the_plan.bytes_after)})"
+        )
+        typer.echo(f"predicted error over {_range_text(the_plan.sigma_rels)}:")
+        typer.echo(f"  before: {_errors(the_plan.errors_before)}")
+        typer.echo(f"  after:  {_errors(the_plan.errors_after)}")
+        typer.echo(f"  (keeping the newest {len(the_plan.keep)} instead: {_errors(the_plan.errors_last)})")
+        if not the_plan.remove:
+            typer.echo("nothing to delete: the folder fits the budget")
+            return
+        if not apply:
+            for info in the_plan.remove:
+                typer.echo(f"would delete {info.path}")
+            typer.echo(f"dry run: nothing deleted; add --apply to delete these {len(the_plan.remove)} files")
+            return
+        for path in apply_retention(the_plan):
+            typer.echo(f"deleted {path}")
+
+
+@app.command("estimate")
+def estimate_command(
+    params: Annotated[float, typer.Option(min=1, help="Floating values tracked, e.g. 2.5e9.", show_default=False)],
+    steps: Annotated[float, typer.Option(min=1, help="Training steps, e.g. 1e6.", show_default=False)],
+    snapshot_every: Annotated[float, typer.Option(min=1, help="Steps between snapshots.", show_default=False)],
+    sigma_rel: Annotated[
+        str,
+        typer.Option(
+            "--sigma-rel",
+            "-s",
+            metavar="S1,S2",
+            help="The tracked sigma_rels, separated by commas.",
+            show_default=False,
+        ),
+    ],
+    dtype: Annotated[
+        str, typer.Option(metavar="DTYPE", help="Snapshot dtype: float32, bfloat16, float16, float64.")
+    ] = ("float32"),
+    target: Annotated[
+        str | None,
+        typer.Option(
+            metavar="LO:HI",
+            help="Target sigma_rels to predict the error of (as for prune). Default: the tracked range.",
+            show_default=False,
+        ),
+    ] = None,
+    budget: Budget = None,
+    max_snapshots: MaxSnapshots = None,
+) -> None:
+    """Predict the disk use and reconstruction error of a run before it starts (no files are read)."""
+    tracked = _sigma_rel_range(sigma_rel)
+    targets = None if target is None else _sigma_rel_range(target)
+    with _library_errors():
+        result = estimate(
+            params=params, steps=steps, snapshot_every=snapshot_every, sigma_rels=tracked, dtype=dtype,
+            targets=targets, budget=budget, max_snapshots=max_snapshots,
+        )  # fmt: skip
+    typer.echo(
+        f"snapshots: {result.snapshot_steps} steps x {len(tracked)} sigma_rels = {result.files} files "
+        f"of {_gb(result.bytes_per_file)} ({dtype}): {_gb(result.total_bytes)}"
+    )
+    typer.echo(f"predicted error over {_range_text(result.sigma_rels)}: {_errors(result.errors)}")
+    if result.errors_kept is not None and result.errors_last is not None and result.kept_bytes is not None:
+        typer.echo(
+            f"pruned to {result.kept_files} files ({_gb(result.kept_bytes)}): {_errors(result.errors_kept)}; "
+            f"the last {result.kept_files} files instead: {_errors(result.errors_last)}"
+        )
 
 
 def main() -> None:

@@ -656,7 +656,13 @@ def synthesize(
 
 
 def save(
-    path: str | os.PathLike[str], state_dict: StateDict, the_plan: Plan, index: int, *, overwrite: bool = False
+    path: str | os.PathLike[str],
+    state_dict: StateDict,
+    the_plan: Plan,
+    index: int,
+    *,
+    overwrite: bool = False,
+    max_shard_size: int | str | None = None,
 ) -> None:
     """Write target ``index`` of a plan atomically as a self-describing safetensors file.
 
@@ -667,6 +673,10 @@ def save(
         index: which target of the plan.
         overwrite: replace an existing file at ``path``; by default an existing
             file is refused.
+        max_shard_size: bytes, or a text such as ``"2GB"``: ``path`` is then a
+            folder of Hugging Face style shards instead
+            (:func:`posthoc_ema.sharded.save_sharded`), and ``overwrite`` applies
+            to the model files in it.
 
     Raises:
         FileExistsError: if ``path`` exists and ``overwrite`` is false.
@@ -678,10 +688,18 @@ def save(
     """
     path = Path(path)
     folders = {s.path.parent.resolve() for s in the_plan.snapshots}
-    if path.parent.resolve() in folders:
+    if path.parent.resolve() in folders or (max_shard_size is not None and path.resolve() in folders):
         raise ValueError(f"{path} is in the snapshot folder; write synthesized files elsewhere")
-    if not overwrite and path.exists():
-        raise FileExistsError(errno.EEXIST, "the file exists; pass overwrite=True to replace it", str(path))
+    # A folder of shards is "existing" when it already holds a model.
+    held = [path / n for n in ("model.safetensors", "model.safetensors.index.json")] if max_shard_size else [path]
+    existing = next((p for p in held if p.exists()), None)
+    if not overwrite and existing is not None:
+        raise FileExistsError(errno.EEXIST, "the file exists; pass overwrite=True to replace it", str(existing))
+    if max_shard_size is not None:
+        from posthoc_ema.sharded import save_sharded  # it builds on this module
+
+        save_sharded(path, state_dict, the_plan, index, max_shard_size=max_shard_size)
+        return
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in state_dict.items()}
     meta = the_plan.metadata(index)
     meta["dtype"] = dtype_name(next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32))

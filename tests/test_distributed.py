@@ -1,0 +1,178 @@
+"""DistributedDataParallel: two gloo processes on the CPU, each started as a subprocess with a timeout.
+
+The tracker takes the DDP-wrapped model; its keys have no ``module.`` prefix; every
+rank keeps the EMAs (so ``swapped()`` works on every rank); only rank 0 writes; and
+the snapshots are bit for bit those of a single process fed the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posthoc_ema import PostHocEMA
+from posthoc_ema.snapshots import list_snapshots
+
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed with the gloo backend",
+)
+
+SIGMA_RELS = (0.05, 0.10)
+STEPS = 20
+EVERY = 5
+TIMEOUT = 180  # seconds for both ranks; a hang fails the test instead of blocking the suite
+
+WORKER = textwrap.dedent(
+    """
+    import datetime, json, sys
+    from pathlib import Path
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from posthoc_ema import PostHocEMA
+
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+    steps, every = int(sys.argv[5]), int(sys.argv[6])
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    torch.manual_seed(0)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    model = torch.nn.parallel.DistributedDataParallel(net)
+    emas = PostHocEMA(model, (0.05, 0.10), snapshot_dir=out / f"snaps{rank}", snapshot_every=every)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = torch.Generator().manual_seed(1)
+    trajectory = []
+    for _ in range(steps):
+        x, y = torch.randn(8, 6, generator=data), torch.randn(8, 2, generator=data)
+        mine = slice(rank * 8 // world, (rank + 1) * 8 // world)  # each rank its part of the batch
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+        opt.step()
+        emas.update()
+        trajectory.append(torch.cat([p.detach().reshape(-1) for p in net.state_dict().values()]))
+    emas.close()
+    probe = torch.randn(3, 6, generator=data)
+    tensors = {"trajectory": torch.stack(trajectory)}
+    for s in (0.05, 0.10):
+        tensors |= {f"ema/{s}/{k}": v.detach().clone() for k, v in emas.ema_state_dict(s).items()}
+        with emas.swapped(model, s), torch.no_grad():
+            tensors[f"swapped/{s}"] = model(probe)  # evaluation with the EMA, on every rank
+    tensors["trained"] = net(probe).detach()
+    save_file(tensors, str(out / f"rank{rank}.safetensors"))
+    (out / f"keys{rank}.json").write_text(json.dumps(sorted(emas.ema_state_dict(0.05))))
+    dist.barrier()
+    dist.destroy_process_group()
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    port = str(free_port())
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(rank), "2", port, str(out), str(STEPS), str(EVERY)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=TIMEOUT) for p in ranks]
+    except subprocess.TimeoutExpired:
+        for p in ranks:
+            p.kill()
+        pytest.fail(f"the two DDP ranks did not finish within {TIMEOUT} s (a hang?)")
+    for rank, (p, (_, err)) in enumerate(zip(ranks, outputs, strict=True)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{err}"
+    return out
+
+
+def test_keys_have_no_module_prefix(ddp_run: Path) -> None:
+    expected = sorted(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).state_dict())
+    for rank in range(2):
+        assert json.loads((ddp_run / f"keys{rank}.json").read_text()) == expected
+
+
+def test_every_rank_keeps_the_same_emas(ddp_run: Path) -> None:
+    zero, one = (load_file(ddp_run / f"rank{r}.safetensors") for r in range(2))
+    assert zero.keys() == one.keys()
+    assert torch.equal(zero["trajectory"], one["trajectory"])  # DDP kept the replicas equal
+    for key in zero:
+        assert torch.equal(zero[key], one[key]), key
+    for s in SIGMA_RELS:  # swapped() evaluated the EMA, not the trained weights, on both ranks
+        assert not torch.allclose(zero[f"swapped/{s}"], zero["trained"])
+
+
+def test_only_rank_zero_writes(ddp_run: Path) -> None:
+    written = list_snapshots(ddp_run / "snaps0")
+    assert sorted((i.step, i.sigma_rel) for i in written) == sorted(
+        (step, s) for step in range(EVERY, STEPS + 1, EVERY) for s in SIGMA_RELS
+    )
+    assert sorted(p.name for p in (ddp_run / "snaps0").iterdir()) == sorted(i.path.name for i in written)
+    other = ddp_run / "snaps1"
+    assert not other.exists() or not any(other.iterdir())
+
+
+def test_snapshots_equal_a_single_process_fed_the_same_weights(ddp_run: Path, tmp_path: Path) -> None:
+    # Replay rank 0's weight trajectory through a tracker on a plain model in this process.
+    trajectory = load_file(ddp_run / "rank0.safetensors")["trajectory"]
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    emas = PostHocEMA(net, SIGMA_RELS, snapshot_dir=tmp_path, snapshot_every=EVERY)
+    try:
+        shapes = {k: v.shape for k, v in net.state_dict().items()}
+        with torch.no_grad():
+            for row in trajectory:
+                for (key, shape), piece in zip(
+                    shapes.items(), row.split([s.numel() for s in shapes.values()]), strict=True
+                ):
+                    net.state_dict()[key].copy_(piece.view(shape))
+                emas.update()
+    finally:
+        emas.close()
+    ddp_files = {i.path.name: i.path for i in list_snapshots(ddp_run / "snaps0")}
+    single_files = {i.path.name: i.path for i in list_snapshots(tmp_path)}
+    assert ddp_files.keys() == single_files.keys()
+    for name, path in ddp_files.items():
+        assert path.read_bytes() == single_files[name].read_bytes(), name
+    ddp = load_file(ddp_run / "rank0.safetensors")
+    for s in SIGMA_RELS:
+        for key, value in emas.ema_state_dict(s).items():
+            assert torch.equal(ddp[f"ema/{s}/{key}"], value), (s, key)
+
+
+def test_ddp_training_matches_one_process_on_the_whole_batch(ddp_run: Path) -> None:
+    # DDP averages the two halves' gradients: the same as the whole batch's, up to float rounding.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    data = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(STEPS):
+        x, y = torch.randn(8, 6, generator=data), torch.randn(8, 2, generator=data)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+        rows.append(torch.cat([p.detach().reshape(-1) for p in net.state_dict().values()]))
+    torch.testing.assert_close(load_file(ddp_run / "rank0.safetensors")["trajectory"], torch.stack(rows))
