@@ -353,6 +353,7 @@ class PostHocEMA:
             if not any(fnmatch.fnmatchcase(k, pattern) for pattern in exclude)
             and (not trainable_only or (isinstance(t, torch.nn.Parameter) and t.requires_grad))
         }
+        _refuse_sharded(entries)
         if not any(t.is_floating_point() for t in entries.values()):
             what = "no tensors" if not entries else "no floating tensor (only integer buffers)"
             raise ValueError(
@@ -404,6 +405,15 @@ class PostHocEMA:
                 for name, held in holder.items():
                     if held is not None and id(held) in keys_of:
                         homes.setdefault(id(held), []).append((module, name))
+        # A floating entry the model does not hold is a copy made by state_dict()
+        # (FSDP's full state dict gathers one): averaging it would freeze the EMA.
+        copies = [keys_of[tid][0] for tid, t in unique.items() if tid not in homes and t.is_floating_point()]
+        if copies:
+            raise ValueError(
+                f"the model's state_dict() gives {copies[0]!r} as a tensor that no module of the model holds (a copy, "
+                "as FSDP's full state dict gathers), so its EMA would never change; give PostHocEMA the model whose "
+                "parameters are trained (unsharded), or leave such entries out with exclude="
+            )
         self._tracked: list[_Tracked] = []
         self._by_home: dict[tuple[int, str], _Tracked] = {}
         for tid in unique:
@@ -1163,6 +1173,21 @@ class PostHocEMA:
                     len(later),
                     self.step,
                 )
+
+
+def _refuse_sharded(entries: Mapping[str, torch.Tensor]) -> None:
+    """Refuse sharded tensors (DTensor, as FSDP2's ``fully_shard`` makes): only whole tensors are tracked today."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support has no DTensor
+        return
+    sharded = [k for k, t in entries.items() if isinstance(t, DTensor)]
+    if sharded:
+        raise ValueError(
+            f"{sharded[0]!r} is a DTensor (a sharded tensor, as FSDP2's fully_shard makes; {len(sharded)} such "
+            "entries): PostHocEMA tracks whole tensors only, and sharded models are not supported yet; "
+            "use DDP, where every rank holds whole tensors"
+        )
 
 
 def _is_writer_rank() -> bool:

@@ -11,6 +11,7 @@ import logging
 import pickle
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -486,3 +487,17 @@ def test_synthesis_leaves_other_threads_thread_count(tmp_path):
         assert seen and all(pair == (2, 2) for pair in seen)
     finally:
         torch.set_num_threads(before)
+
+
+class _GatheringStateDict(torch.nn.Linear):
+    """A module whose state_dict() returns copies, as FSDP's full state dict does (gathered tensors)."""
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return {k: v.detach().clone() for k, v in super().state_dict(*args, **kwargs).items()}
+
+
+def test_a_state_dict_of_copies_is_refused() -> None:
+    with pytest.raises(
+        ValueError, match=r"state_dict\(\) gives 'weight' as a tensor that no module of the model holds"
+    ):
+        PostHocEMA(_GatheringStateDict(3, 2), (0.05,))
