@@ -223,7 +223,7 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="has 0 groups; it needs exactly one"):
         find_checkpoints(tmp_path, step_pattern=r"step=\d+")
     with pytest.raises(SnapshotError, match="no checkpoints"):
-        find_checkpoints(tmp_path / "missing" if False else tmp_path, glob="*.safetensors")
+        find_checkpoints(tmp_path, glob="*.safetensors")
     with pytest.raises(SnapshotError, match="not a folder"):
         find_checkpoints(tmp_path / "missing")
 
