@@ -141,6 +141,7 @@ def test_snapshots_equal_a_single_process_fed_the_same_weights(ddp_run: Path, tm
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     emas = PostHocEMA(net, SIGMA_RELS, snapshot_dir=tmp_path, snapshot_every=EVERY)
+    emas.run_id = list_snapshots(ddp_run / "snaps0")[0].run_id  # the same run, so the same metadata
     try:
         shapes = {k: v.shape for k, v in net.state_dict().items()}
         with torch.no_grad():
