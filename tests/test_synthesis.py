@@ -262,8 +262,11 @@ def test_coefficients_property(n_steps: int, every: int, tracked: list[float], t
     g = np.array([reference_gamma(sigmas[i]) for i in used])[:, None]
     gram = ref_p_dot_p(t, g, t.T, g.T)
     d = 1 / np.sqrt(np.diag(gram))
-    if np.linalg.cond(gram * d[:, None] * d[None, :]) < 1e6:
-        np.testing.assert_allclose(ours_used, ref, rtol=1e-6, atol=1e-9)
+    condition = np.linalg.cond(gram * d[:, None] * d[None, :])
+    if condition < 1e6:
+        # One solution, to rounding amplified by the condition number (the per-interval
+        # solve and lstsq round differently).
+        np.testing.assert_allclose(ours_used, ref, rtol=0, atol=1e-11 * condition * np.abs(ref).max())
 
 
 # -- what comes out --------------------------------------------------------------------
