@@ -9,6 +9,7 @@ temporary files.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -31,6 +32,8 @@ from posthoc_ema.errors import SnapshotError, SnapshotWriteError  # noqa: F401
 from posthoc_ema.files import TMP_SUFFIX, atomic_path, read_header, write_atomic, write_safetensors  # noqa: F401
 from posthoc_ema.profiles import MAX_SIGMA_REL, canonical_sigma_rel
 from posthoc_ema.writer import BackgroundWriter  # noqa: F401
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -148,7 +151,7 @@ def _info_from_header(path: Path, meta: Mapping[str, str], table: Mapping[str, M
         info = SnapshotInfo(
             path=path,
             step=int(meta["step"]),
-            sigma_rel=float(meta["sigma_rel"]),
+            sigma_rel=canonical_sigma_rel(float(meta["sigma_rel"])),
             gamma=float(meta["gamma"]),
             dtype=meta["dtype"],
             update_every=int(meta["update_every"]),
@@ -173,7 +176,7 @@ def _info_from_header(path: Path, meta: Mapping[str, str], table: Mapping[str, M
         if not allowed:
             raise SnapshotError(
                 f"{path}: snapshot metadata has {name}={value!r}; step must be > 0, "
-                f"sigma_rel in (0, {MAX_SIGMA_REL:.4f}) and gamma in (0, inf)"
+                f"sigma_rel in (0, {MAX_SIGMA_REL!r}) and gamma in (0, inf)"
             )
     return info
 
@@ -190,7 +193,9 @@ def read_info(path: str | os.PathLike[str]) -> SnapshotInfo | None:
     return _info_from_header(Path(path), meta, table)
 
 
-def list_snapshots(snapshot_dir: str | os.PathLike[str], *, prefix: str | None = None) -> list[SnapshotInfo]:
+def list_snapshots(
+    snapshot_dir: str | os.PathLike[str], *, prefix: str | None = None, skip_unreadable: bool = False
+) -> list[SnapshotInfo]:
     """Every snapshot in a folder, sorted by (step, sigma_rel).
 
     Files other than ``*.safetensors``, temporary files, safetensors files that
@@ -201,17 +206,30 @@ def list_snapshots(snapshot_dir: str | os.PathLike[str], *, prefix: str | None =
         snapshot_dir: the folder.
         prefix: only the snapshots of this prefix (their metadata's, see
             :class:`SnapshotInfo`); default: all.
+        skip_unreadable: log a warning for a corrupt or truncated file and go on,
+            instead of raising (the tracker's own checks of its folder do this: a
+            half-downloaded foreign file must not stop training).
 
     Raises:
-        SnapshotError: if the folder does not exist, or a snapshot is corrupt.
+        SnapshotError: if the folder does not exist, or a snapshot is corrupt
+            (unless ``skip_unreadable``).
     """
     folder = Path(snapshot_dir)
     if not folder.is_dir():
         raise SnapshotError(f"{folder}: no such snapshot folder")
-    # Only regular files: reading a FIFO named *.safetensors would block.
-    infos = [info for p in sorted(folder.glob(f"*{SUFFIX}")) if p.is_file() and (info := read_info(p)) is not None]
-    if prefix is not None:
-        infos = [info for info in infos if info.prefix == prefix]
+    infos = []
+    for path in sorted(folder.glob(f"*{SUFFIX}")):
+        if not path.is_file():  # reading a FIFO named *.safetensors would block
+            continue
+        try:
+            info = read_info(path)
+        except SnapshotError as err:
+            if not skip_unreadable:
+                raise
+            log.warning("skipping an unreadable file: %s", err)
+            continue
+        if info is not None and (prefix is None or info.prefix == prefix):
+            infos.append(info)
     return sorted(infos, key=lambda i: (i.step, i.sigma_rel))
 
 

@@ -415,13 +415,9 @@ class PostHocEMA:
                 "parameters are trained (unsharded), or leave such entries out with exclude="
             )
         self._tracked: list[_Tracked] = []
-        self._by_home: dict[tuple[int, str], _Tracked] = {}
         for tid in unique:
             holder, index = self._slot[tid]
-            record = _Tracked(keys_of[tid], homes.get(tid, []), holder, index)
-            self._tracked.append(record)
-            for module, name in record.homes:
-                self._by_home[(id(module), name)] = record
+            self._tracked.append(_Tracked(keys_of[tid], homes.get(tid, []), holder, index))
         self._assigned: list[tuple[int, str]] = []  # (id(module), name) assigned since the last update
         self._model_arg: torch.nn.Module | None = None  # the last module update() accepted
         self._index_homes()
@@ -551,17 +547,18 @@ class PostHocEMA:
                 raise ValueError(f"step={step!r} must be an integer greater than the previous step {self.step}")
         if self._assigned:
             self._follow_assigned()
-        previous, self.step = self.step, step
-        due = self._snapshot_due()
-        if due:  # the full check, for replacements no hook sees (model.to() writes module._buffers)
-            try:
+        previous, calls = self.step, self._calls
+        self.step = step
+        try:
+            due = self._snapshot_due()
+            if due:  # the full check, for replacements no hook sees (model.to() writes module._buffers)
                 self._check_sources()
-            except ModelChangedError:
-                self.step = previous
-                raise
-        self._calls += 1
-        if due or self._calls % self.update_every == 0:
-            self._apply()
+            self._calls += 1
+            if due or self._calls % self.update_every == 0:
+                self._apply()
+        except BaseException:  # nothing of this step is recorded: the caller may fix the model and go on
+            self.step, self._calls = previous, calls
+            raise
         if due:
             self._write_snapshots()
         if self._writer is not None:  # after this step's work, so a caller who catches this loses no step
@@ -604,7 +601,7 @@ class PostHocEMA:
                 torch._foreach_copy_(self._copied.values, self._copied.sources)
         except RuntimeError as err:
             self._check_moves()  # a clearer error, if that is the cause
-            raise RuntimeError(
+            raise ModelChangedError(
                 f"could not update the EMAs ({err}); if the model was moved to another device or dtype "
                 "after PostHocEMA was created, create it after model.to(...)"
             ) from err
@@ -683,7 +680,7 @@ class PostHocEMA:
             yield key, holder.emas[index][i] if isinstance(holder, _Group) else holder.values[i]
 
     def ema_state_dict(self, sigma_rel: float) -> dict[str, torch.Tensor]:
-        """A copy of the EMA of ``sigma_rel`` as it stands (floating entries in float32 or wider).
+        """A copy of the EMA of ``sigma_rel`` as it stands (floating entries in the EMAs' dtype, see :meth:`to`).
 
         With ``update_every > 1`` this is the EMA at its last update, :attr:`ema_step`.
         ``sigma_rel`` may be any number (NumPy, 0-d tensor); it matches a tracked
@@ -814,6 +811,7 @@ class PostHocEMA:
         if self._writer is not None:
             self._writer.check()
         if self._ema_step < self.step:
+            self._check_sources()  # before averaging: a tensor replaced behind the hooks must not be read
             with torch.no_grad():
                 self._apply()
         return self._write_snapshots()
@@ -939,7 +937,7 @@ class PostHocEMA:
         assert self.snapshot_dir is not None
         theirs = [
             info
-            for info in list_snapshots(self.snapshot_dir, prefix=self.prefix)
+            for info in list_snapshots(self.snapshot_dir, prefix=self.prefix, skip_unreadable=True)
             if info.run_id != self.run_id and not (info.run_id is None and self._legacy_resume)
         ]
         if not theirs:
@@ -1163,7 +1161,11 @@ class PostHocEMA:
         self.run_id, self._legacy_resume = state_dict.get("run_id") or self.run_id, "run_id" not in state_dict
         self._folder_checked = False
         if self.snapshot_dir is not None:
-            later = [i for i in list_snapshots(self.snapshot_dir) if i.step > self.step]
+            later = [
+                i
+                for i in list_snapshots(self.snapshot_dir, prefix=self.prefix, skip_unreadable=True)
+                if i.step > self.step and i.run_id in (self.run_id, None)
+            ]
             if later:
                 log.warning(
                     "%s holds %d snapshots after the resumed step %d, from the interrupted run; each is "

@@ -173,7 +173,7 @@ def test_a_model_moved_after_the_tracker_is_named_at_the_next_update():
         emas.update()
 
 
-def test_the_tracker_does_not_slow_assignments_to_other_modules():
+def test_assignments_to_other_modules_are_not_recorded():
     model = torch.nn.Linear(2, 1)
     emas = PostHocEMA(model, 0.1, snapshot_every=None)
     other = torch.nn.Linear(2, 1)
@@ -501,3 +501,61 @@ def test_a_state_dict_of_copies_is_refused() -> None:
         ValueError, match=r"state_dict\(\) gives 'weight' as a tensor that no module of the model holds"
     ):
         PostHocEMA(_GatheringStateDict(3, 2), (0.05,))
+
+
+def test_a_failed_update_records_no_step():
+    """An update that raises (the model moved) leaves step and call count as they were: fixing the model and going on
+    gives the numbers of a run that never failed."""
+    model = torch.nn.Linear(2, 1)
+    emas = PostHocEMA(model, 0.1, snapshot_every=None, update_every=2)
+    emas.update()
+    model.to(torch.float64)
+    with pytest.raises(ModelChangedError):
+        emas.update()
+    assert (emas.step, emas.ema_step, emas._calls) == (1, 0, 1)
+    model.to(torch.float32)
+    emas.update()
+    assert (emas.step, emas.ema_step) == (2, 2)
+
+
+def test_snapshot_checks_the_model_before_bringing_the_emas_up_to_date(tmp_path, make_tracker):
+    model = Stat()
+    emas = make_tracker(model, 0.1, snapshot_dir=tmp_path, snapshot_every=None, update_every=4)
+    emas.update()
+    emas.update()  # skipped by update_every: snapshot() applies this step
+    model._buffers["stat"] = torch.full((3,), 4.0, dtype=torch.float64)  # no hook sees this
+    emas.snapshot()
+    emas.flush()
+    (info,) = list_snapshots(tmp_path)
+    # Step 1 was skipped, so step 2's update copies (beta = 0): the new buffer, not the dead one (zeros).
+    np.testing.assert_array_equal(load_file(info.path)["stat"].numpy(), np.full(3, 4.0, dtype=np.float32))
+
+
+def test_a_foreign_unreadable_file_does_not_stop_training(tmp_path, make_tracker, caplog):
+    (tmp_path / "half-downloaded.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    model = torch.nn.Linear(2, 1)
+    emas = make_tracker(model, 0.1, snapshot_dir=tmp_path, snapshot_every=2)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(4):
+            emas.update()
+        emas.flush()
+    assert [i.step for i in list_snapshots(tmp_path, skip_unreadable=True)] == [2, 4]
+    assert "half-downloaded.safetensors" in caplog.text
+    with pytest.raises(SnapshotError, match="half-downloaded"):
+        list_snapshots(tmp_path)
+
+
+def test_resume_speaks_only_of_its_own_runs_later_snapshots(tmp_path, caplog):
+    model = torch.nn.Linear(2, 1)
+    with PostHocEMA(torch.nn.Linear(2, 1), 0.1, snapshot_dir=tmp_path, snapshot_every=2, prefix="other") as other:
+        for _ in range(6):
+            other.update()
+    emas = PostHocEMA(model, 0.1, snapshot_dir=tmp_path, snapshot_every=2)
+    emas.update()
+    state = emas.state_dict()
+    resumed = PostHocEMA(model, 0.1, snapshot_dir=tmp_path, snapshot_every=2)
+    with caplog.at_level(logging.WARNING):
+        resumed.load_state_dict(state)
+    assert "after the resumed step" not in caplog.text  # the other prefix's steps 2..6 are not this run's
+    emas.close()
+    resumed.close()

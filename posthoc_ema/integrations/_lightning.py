@@ -139,7 +139,7 @@ def define_callback(callback_base: type[Any], strategies: Any, package: str) -> 
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
             if self.emas is not None:
-                self.emas.flush()
+                self.emas.close()  # the end of training is snapshotted, the writer and lock released
 
         # -- evaluation ---------------------------------------------------------------
 

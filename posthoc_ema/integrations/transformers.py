@@ -151,7 +151,7 @@ class PostHocEMACallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._swap_out()
         if self.emas is not None:
-            self.emas.flush()
+            self.emas.close()  # the end of training is snapshotted, the writer and lock released
 
     def _swap_in(self, model: Any) -> None:
         if self.evaluate_with is None or self.emas is None or self.emas.step == 0 or self._swap is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,3 +31,23 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     if collection_path.name.startswith("test_") and ("integration" not in expr or "not integration" in expr):
         return True
     return None
+
+
+def _same_snapshots(a: Path, b: Path) -> None:
+    """Two folders hold the same snapshot files, byte for byte but for each run's own id (two runs, one trajectory)."""
+    from posthoc_ema.snapshots import read_info
+
+    names = sorted(p.name for p in a.iterdir() if not p.name.startswith("."))  # not the writer's lock file
+    assert names == sorted(p.name for p in b.iterdir() if not p.name.startswith("."))
+    for name in names:
+        info_a, info_b = read_info(a / name), read_info(b / name)
+        assert info_a is not None and info_b is not None and info_a.run_id and info_b.run_id, name
+        assert (a / name).read_bytes().replace(info_a.run_id.encode(), info_b.run_id.encode()) == (
+            b / name
+        ).read_bytes(), name
+
+
+@pytest.fixture
+def same_snapshots() -> Any:
+    """``same_snapshots(folder_a, folder_b)``: see :func:`_same_snapshots`."""
+    return _same_snapshots
