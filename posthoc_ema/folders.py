@@ -47,8 +47,9 @@ def describe(folder: str | os.PathLike[str]) -> dict[str, Any]:
         snapshots), ``sigma_rels``, ``dtypes``, ``update_every``,
         ``library_versions`` and ``runs`` (each value: how many snapshots have
         it), ``tensors`` and ``parameters`` of the latest snapshot, ``classic``
-        (the snapshots of classic schedules, which synthesis does not use and
-        nothing else here counts: ``{snapshots, names: {name: count}}``), ``files``
+        (only when the folder holds snapshots of classic schedules, which
+        synthesis does not use and nothing else here counts:
+        ``{snapshots, names: {name: count}}``), ``files``
         (one ``{file, step, sigma_rel, dtype, size, run}`` per snapshot, sorted
         by step then sigma_rel), ``other_files``, ``tmp_files``,
         ``corrupt_files`` and ``oddities`` (one sentence each).
@@ -116,15 +117,16 @@ def describe(folder: str | os.PathLike[str]) -> dict[str, Any]:
             }
             for i in snapshots
         ],
-        "classic": {
-            "snapshots": len(classic),
-            "names": dict(sorted(Counter(str(i.name) for i in classic).items())),
-        },
         "other_files": others,
         "tmp_files": tmp_files,
         "corrupt_files": corrupt,
         "oddities": oddities,
     }
+    if classic:
+        summary["classic"] = {
+            "snapshots": len(classic),
+            "names": dict(sorted(Counter(str(i.name) for i in classic).items())),
+        }
     if not snapshots:
         return summary
     runs = Counter(i.run_id for i in snapshots if i.run_id is not None)

@@ -1,4 +1,4 @@
-"""Classic EMAs tracked live by PostHocEMA(schedules=...): the same updates as each library, names, snapshots, resume."""
+"""Classic EMAs tracked live by PostHocEMA(schedules=...): each library's updates, names, snapshots, resume."""
 
 from __future__ import annotations
 
