@@ -10,6 +10,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_schedules import assert_same, linear, load, params, super_gradients_ema, trajectory
 
 from posthoc_ema import PostHocEMA, list_snapshots, synthesize
@@ -170,6 +172,32 @@ def test_the_tracked_ema_is_the_weighted_sum_of_schedules_weights(schedule, upda
     ema = emas.ema_state_dict("s")
     got = torch.cat([ema["weight"].reshape(-1), ema["bias"].reshape(-1)]).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    gaps=st.lists(st.integers(1, 5), min_size=1, max_size=12),
+    beta=st.floats(0.0, 0.95),
+    half_life=st.floats(0.5, 20.0),
+    start=st.integers(0, 10),
+)
+def test_irregular_steps_give_exactly_schedules_weights(gaps, beta, half_life, start):
+    steps = np.cumsum(gaps)
+    model = torch.nn.Linear(2, 1).double()
+    schedules = {"c": Constant(beta, start=start), "h": HalfLife(half_life, start=start)}
+    emas = PostHocEMA(model, sigma_rels=(), schedules=schedules).to(dtype=torch.float64)
+    history = [model.weight.detach().clone()]
+    generator = torch.Generator().manual_seed(int(steps[-1]))
+    for step in steps:
+        with torch.no_grad():
+            model.weight.add_(torch.randn(model.weight.shape, generator=generator, dtype=torch.float64))
+        history.append(model.weight.detach().clone())
+        emas.update(step=int(step))
+    thetas = torch.stack(history).reshape(len(history), -1).numpy()
+    for name, schedule in schedules.items():
+        expected = schedule.weights(steps, steps[-1]) @ thetas
+        got = emas.ema_state_dict(name)["weight"].reshape(-1).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_power_function_emas_are_unchanged_by_schedules_beside_them():
