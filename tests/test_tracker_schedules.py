@@ -323,6 +323,23 @@ def test_functional_call_passes_kwargs_and_checks_the_model(trained):
         emas.functional_call(torch.nn.Sequential(torch.nn.Linear(6, 4)), "warm", (x,))
 
 
+def test_functional_call_through_a_wrapper(trained):
+    model, emas = trained
+
+    class Wrapper(torch.nn.Module):  # keys gain "module.", as with DistributedDataParallel
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, x):
+            return self.module(x)
+
+    x = torch.randn(3, 6)
+    with emas.swapped(model, "timm"):
+        expected = model(x)
+    assert torch.equal(emas.functional_call(Wrapper(model), "timm", x), expected)
+
+
 # -- snapshots ------------------------------------------------------------------------------------------
 
 
@@ -362,6 +379,18 @@ def test_snapshots_of_classic_emas_record_their_schedule_and_are_left_out_of_syn
     assert summary["snapshots"] == 4
     assert summary["classic"] == {"snapshots": 4, "names": {"timm": 2, "warm": 2}}
     assert summary["oddities"] == []
+
+
+def test_classic_snapshots_of_another_run_count_as_that_run(tmp_path):
+    from posthoc_ema import SnapshotError
+
+    model = torch.nn.Linear(2, 1)
+    with PostHocEMA(model, sigma_rels=(), schedules={"c": Constant(0.9)}, snapshot_dir=tmp_path) as first:
+        first.update()
+    second = PostHocEMA(model, sigma_rels=(0.1,), snapshot_dir=tmp_path, final_snapshot=False)
+    second.update()
+    with pytest.raises(SnapshotError, match=r"holds 1 snapshot of another training run \(e.g. phema-000000000001-c"):
+        second.snapshot()
 
 
 def test_snapshot_metadata_of_a_classic_ema(tmp_path):
