@@ -1,4 +1,4 @@
-"""The training-time tracker: power-function EMAs of a model, and their snapshots."""
+"""The training-time tracker: power-function EMAs of a model (and classic ones beside them), and their snapshots."""
 
 from __future__ import annotations
 
