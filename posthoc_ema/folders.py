@@ -46,7 +46,10 @@ def describe(folder: str | os.PathLike[str]) -> dict[str, Any]:
         (``first``, ``last``, ``count``, ``spacing``; None without readable
         snapshots), ``sigma_rels``, ``dtypes``, ``update_every``,
         ``library_versions`` and ``runs`` (each value: how many snapshots have
-        it), ``tensors`` and ``parameters`` of the latest snapshot, ``files``
+        it), ``tensors`` and ``parameters`` of the latest snapshot, ``classic``
+        (only when the folder holds snapshots of classic schedules, which
+        synthesis does not use and nothing else here counts:
+        ``{snapshots, names: {name: count}}``), ``files``
         (one ``{file, step, sigma_rel, dtype, size, run}`` per snapshot, sorted
         by step then sigma_rel), ``other_files``, ``tmp_files``,
         ``corrupt_files`` and ``oddities`` (one sentence each).
@@ -64,6 +67,7 @@ def describe(folder: str | os.PathLike[str]) -> dict[str, Any]:
     snapshots: list[SnapshotInfo] = []
     corrupt: list[dict[str, str]] = []
     others: list[str] = []
+    classic: list[SnapshotInfo] = []  # of classic schedules: counted apart, not used by synthesis
     for path in sorted(folder.glob(f"*{SUFFIX}")):
         if not path.is_file():  # a FIFO would block the read, a folder cannot be read
             continue
@@ -74,9 +78,11 @@ def describe(folder: str | os.PathLike[str]) -> dict[str, Any]:
             continue
         if info is None:
             others.append(path.name)
+        elif info.is_classic:
+            classic.append(info)
         else:
             snapshots.append(info)
-    if not snapshots and not corrupt:
+    if not snapshots and not classic and not corrupt:
         raise SnapshotError(f"{folder}: no snapshots (no .safetensors file with posthoc-ema snapshot metadata)")
     snapshots.sort(key=lambda i: (i.step, i.sigma_rel))
     tmp_files = sorted(p.name for p in folder.glob(f"*{TMP_SUFFIX}"))
@@ -116,6 +122,11 @@ def describe(folder: str | os.PathLike[str]) -> dict[str, Any]:
         "corrupt_files": corrupt,
         "oddities": oddities,
     }
+    if classic:
+        summary["classic"] = {
+            "snapshots": len(classic),
+            "names": dict(sorted(Counter(str(i.name) for i in classic).items())),
+        }
     if not snapshots:
         return summary
     runs = Counter(i.run_id for i in snapshots if i.run_id is not None)

@@ -29,6 +29,8 @@ reproduce the others.
 from __future__ import annotations
 
 import abc
+import dataclasses
+import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,7 +51,9 @@ __all__ = [
     "Warmup",
     "as_schedule",
     "equivalent_sigma_rel",
+    "from_metadata",
     "target_products",
+    "to_metadata",
 ]
 
 ArrayLike = npt.ArrayLike
@@ -136,6 +140,15 @@ class Schedule(abc.ABC):
         Raises:
             ValueError: if a pair does not satisfy ``0 <= prev_step < step``.
         """
+
+    def _init_args(self) -> dict[str, float]:
+        """The constructor's keyword arguments that rebuild this schedule (the metadata spec's fields)."""
+        if not dataclasses.is_dataclass(self):
+            raise ValueError(
+                f"{self!r} is not a dataclass, so it has no metadata spec; define schedules as frozen dataclasses"
+            )
+        # ``decay`` is the attribute behind the constructor's ``beta`` (``beta`` is the method).
+        return {("beta" if f.name == "decay" else f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def log_beta(self, step: ArrayLike, prev_step: ArrayLike) -> FloatArray:
         """``log(beta(step, prev_step))`` (``-inf`` for a copy); exact where a subclass knows it."""
@@ -346,6 +359,9 @@ class PowerFunction(Schedule):
     @property
     def _g(self) -> float:
         return float(self.gamma)  # type: ignore[arg-type]
+
+    def _init_args(self) -> dict[str, float]:
+        return {"sigma_rel": float(self.sigma_rel)}  # type: ignore[arg-type]
 
     def beta(self, step: ArrayLike, prev_step: ArrayLike) -> FloatArray:
         t, t_prev = _check_pair(step, prev_step)
@@ -695,6 +711,68 @@ def as_schedule(value: Schedule | float) -> Schedule:
     raise TypeError(
         f"{value!r} is neither a sigma_rel nor a schedule; give a number or a posthoc_ema.schedules class instance"
     )
+
+
+def _registry() -> dict[str, type[Schedule]]:
+    return {cls.__name__: cls for cls in (PowerFunction, Constant, HalfLife, Warmup, Threshold, ExpWarmup)}
+
+
+def to_metadata(schedule: Schedule) -> str:
+    """The JSON spec of ``schedule`` that snapshot metadata records: its class name and constructor arguments.
+
+    Floats are written with ``repr`` precision, so :func:`from_metadata` rebuilds
+    an equal schedule. (This is the file format; the CLI's short
+    ``warmup:power=0.75`` spelling is another thing.)
+
+    Args:
+        schedule: a schedule defined as a dataclass (every class of this module is).
+
+    Returns:
+        A one-line JSON object, keys sorted: ``{"beta": ..., "class": "Constant", "start": ...}``.
+
+    Raises:
+        ValueError: for a schedule that is not a dataclass.
+
+    Example:
+        >>> to_metadata(Constant(0.999))
+        '{"beta": 0.999, "class": "Constant", "start": 0.0}'
+    """
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"{schedule!r} is not a posthoc_ema.schedules.Schedule")
+    args = schedule._init_args()
+    return json.dumps({"class": type(schedule).__name__, **args}, sort_keys=True, allow_nan=False)
+
+
+def from_metadata(spec: str) -> Schedule:
+    """The schedule a :func:`to_metadata` spec describes.
+
+    Args:
+        spec: a JSON object with ``class`` (a class of this module) and its constructor arguments.
+
+    Returns:
+        The schedule, equal to the one the spec was made from.
+
+    Raises:
+        ValueError: for malformed JSON, an unknown class, or arguments the class refuses.
+
+    Example:
+        >>> from_metadata('{"class": "Constant", "beta": 0.999}')
+        Constant(beta=0.999, start=0)
+    """
+    try:
+        fields = json.loads(spec)
+    except (TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"schedule spec {spec!r} is not JSON ({err})") from None
+    if not isinstance(fields, dict) or not isinstance(fields.get("class"), str):
+        raise ValueError(f'schedule spec {spec!r} is not a JSON object with a "class" entry')
+    known = _registry()
+    name = fields.pop("class")
+    if name not in known:
+        raise ValueError(f"schedule spec {spec!r} names the class {name!r}; known: {', '.join(sorted(known))}")
+    try:
+        return known[name](**fields)
+    except TypeError as err:
+        raise ValueError(f"schedule spec {spec!r} has arguments {name} does not take ({err})") from None
 
 
 def equivalent_sigma_rel(schedule: Schedule | float, step: float, *, update_steps: ArrayLike | None = None) -> float:

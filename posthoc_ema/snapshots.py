@@ -9,6 +9,7 @@ temporary files.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -54,8 +55,11 @@ __all__ = [
 FORMAT = "posthoc-ema/snapshot"
 #: The metadata value ``format`` of a file synthesized from snapshots.
 SYNTHESIZED_FORMAT = "posthoc-ema/synthesized"
-#: Bumped on any change a reader of an older version could misread.
-FORMAT_VERSION = 1
+#: Bumped on any change a reader of an older version could misread. Each file records the
+#: lowest version that reads it: power-function snapshots are still version 1, snapshots of a
+#: classic schedule (no sigma_rel) version 2, so an older reader asks for an upgrade.
+FORMAT_VERSION = 2
+_CLASSIC_VERSION = 2
 SUFFIX = ".safetensors"
 #: The prefix of snapshots written without ``prefix=``, and of files whose metadata has none.
 DEFAULT_PREFIX = "phema"
@@ -69,8 +73,10 @@ class SnapshotInfo:
     Attributes:
         path: the file.
         step: the training time at which the EMA was taken.
-        sigma_rel: relative width of the EMA's profile.
-        gamma: its exponent (EDM2 eq. 126); redundant with sigma_rel, stored to be explicit.
+        sigma_rel: relative width of the EMA's profile; NaN (:data:`math.nan`) for the
+            snapshot of a classic schedule, whose profile is no power function.
+        gamma: its exponent (EDM2 eq. 126); redundant with sigma_rel, stored to be explicit;
+            NaN for a classic schedule.
         dtype: name of the dtype floating tensors were stored in.
         update_every: how many ``update()`` calls there were per EMA update.
         library_version: version of posthoc-ema that wrote the file.
@@ -79,6 +85,11 @@ class SnapshotInfo:
             trackers (a GAN's generator and discriminator) can share a folder.
         start_step: the step this EMA began at, when it was added on resume (see
             :meth:`PostHocEMA.load_state_dict`); None for an EMA tracked from step 0.
+        name: the name of a classic schedule's EMA (``PostHocEMA(schedules={name: ...})``);
+            None for a power-function snapshot.
+        schedule: that schedule's JSON spec (:func:`posthoc_ema.schedules.to_metadata`);
+            None for a power-function snapshot. Synthesis uses only power-function
+            snapshots, so :func:`list_snapshots` leaves these out unless asked.
         tensors: name -> (safetensors dtype, shape) of every tensor, from the header.
         offsets: name -> absolute byte offset of the tensor's data in the file.
     """
@@ -93,18 +104,31 @@ class SnapshotInfo:
     run_id: str | None = None
     prefix: str = DEFAULT_PREFIX
     start_step: int | None = None
+    name: str | None = None
+    schedule: str | None = None
     tensors: Mapping[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict, compare=False, repr=False)
     offsets: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
+    @property
+    def is_classic(self) -> bool:
+        """Whether this is the snapshot of a classic schedule (not a power-function EMA)."""
+        return self.schedule is not None
+
     def metadata(self) -> dict[str, str]:
         """The safetensors metadata that describes this snapshot."""
+        if self.schedule is not None:
+            kind = {
+                "format_version": str(_CLASSIC_VERSION),
+                "name": str(self.name),
+                "schedule": self.schedule,
+            }
+        else:
+            kind = {"format_version": "1", "sigma_rel": repr(self.sigma_rel), "gamma": repr(self.gamma)}
         return (
-            {
-                "format": FORMAT,
-                "format_version": str(FORMAT_VERSION),
+            {"format": FORMAT}
+            | kind
+            | {
                 "step": str(self.step),
-                "sigma_rel": repr(self.sigma_rel),
-                "gamma": repr(self.gamma),
                 "dtype": self.dtype,
                 "update_every": str(self.update_every),
                 "library_version": self.library_version,
@@ -129,15 +153,16 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
-def snapshot_name(step: int, sigma_rel: float, prefix: str = DEFAULT_PREFIX) -> str:
-    """File name of the snapshot of ``sigma_rel`` at ``step``; sorts by step.
+def snapshot_name(step: int, sigma_rel: float | str, prefix: str = DEFAULT_PREFIX) -> str:
+    """File name of the snapshot of ``sigma_rel`` (or of the classic EMA named so, a str) at ``step``; sorts by step.
 
     The name only keeps files apart: readers take step, sigma_rel and prefix from the metadata.
 
-    >>> snapshot_name(1000, 0.05)
-    'phema-000000001000-0.05.safetensors'
+    >>> snapshot_name(1000, 0.05), snapshot_name(1000, "timm")
+    ('phema-000000001000-0.05.safetensors', 'phema-000000001000-timm.safetensors')
     """
-    return f"{prefix}-{step:012d}-{canonical_sigma_rel(sigma_rel)!r}{SUFFIX}"
+    label = sigma_rel if isinstance(sigma_rel, str) else repr(canonical_sigma_rel(sigma_rel))
+    return f"{prefix}-{step:012d}-{label}{SUFFIX}"
 
 
 def _info_from_header(path: Path, meta: Mapping[str, str], table: Mapping[str, Mapping[str, Any]]) -> SnapshotInfo:
@@ -148,17 +173,20 @@ def _info_from_header(path: Path, meta: Mapping[str, str], table: Mapping[str, M
                 f"{path}: snapshot format version {version} is newer than this posthoc-ema "
                 f"reads ({FORMAT_VERSION}); upgrade posthoc-ema"
             )
+        classic = "schedule" in meta
         info = SnapshotInfo(
             path=path,
             step=int(meta["step"]),
-            sigma_rel=canonical_sigma_rel(float(meta["sigma_rel"])),
-            gamma=float(meta["gamma"]),
+            sigma_rel=math.nan if classic else canonical_sigma_rel(float(meta["sigma_rel"])),
+            gamma=math.nan if classic else float(meta["gamma"]),
             dtype=meta["dtype"],
             update_every=int(meta["update_every"]),
             library_version=meta["library_version"],
             run_id=meta.get("run_id"),
             prefix=meta.get("prefix", DEFAULT_PREFIX),
             start_step=int(meta["start_step"]) if "start_step" in meta else None,
+            name=meta["name"] if classic else None,
+            schedule=meta["schedule"] if classic else None,
             tensors={name: (str(t["dtype"]), tuple(int(n) for n in t["shape"])) for name, t in table.items()},
             offsets={name: int(t["offset"]) for name, t in table.items()},
         )
@@ -168,6 +196,19 @@ def _info_from_header(path: Path, meta: Mapping[str, str], table: Mapping[str, M
         if isinstance(err, SnapshotError):
             raise
         raise SnapshotError(f"{path}: snapshot metadata has a malformed value ({err})") from None
+    if classic:
+        if info.step <= 0:
+            raise SnapshotError(f"{path}: snapshot metadata has step={info.step!r}; step must be > 0")
+        try:
+            spec = json.loads(meta["schedule"])
+        except json.JSONDecodeError:
+            spec = None
+        if not isinstance(spec, dict) or not isinstance(spec.get("class"), str):
+            raise SnapshotError(
+                f"{path}: snapshot metadata has schedule={meta['schedule']!r}, which is not a JSON "
+                'object with a "class" entry'
+            )
+        return info
     for name, value, allowed in (
         ("step", info.step, info.step > 0),
         ("sigma_rel", info.sigma_rel, 0 < info.sigma_rel < MAX_SIGMA_REL),
@@ -193,10 +234,19 @@ def read_info(path: str | os.PathLike[str]) -> SnapshotInfo | None:
     return _info_from_header(Path(path), meta, table)
 
 
+def _order(info: SnapshotInfo) -> tuple[int, bool, float, str]:
+    """Sort key: by step, the power-function snapshots first by sigma_rel, then the classic ones by name."""
+    return (info.step, info.is_classic, 0.0 if info.is_classic else info.sigma_rel, info.name or "")
+
+
 def list_snapshots(
-    snapshot_dir: str | os.PathLike[str], *, prefix: str | None = None, skip_unreadable: bool = False
+    snapshot_dir: str | os.PathLike[str],
+    *,
+    prefix: str | None = None,
+    include_classic: bool = False,
+    skip_unreadable: bool = False,
 ) -> list[SnapshotInfo]:
-    """Every snapshot in a folder, sorted by (step, sigma_rel).
+    """Every power-function snapshot in a folder, sorted by (step, sigma_rel).
 
     Files other than ``*.safetensors``, temporary files, safetensors files that
     are not snapshots and anything that is not a regular file (a FIFO, a folder)
@@ -206,6 +256,10 @@ def list_snapshots(
         snapshot_dir: the folder.
         prefix: only the snapshots of this prefix (their metadata's, see
             :class:`SnapshotInfo`); default: all.
+        include_classic: also list the snapshots of classic schedules
+            (``PostHocEMA(schedules=...)``), after the power-function ones of
+            their step. They are left out by default: synthesis combines
+            power-function profiles only.
         skip_unreadable: log a warning for a corrupt or truncated file and go on,
             instead of raising (the tracker's own checks of its folder do this: a
             half-downloaded foreign file must not stop training).
@@ -230,7 +284,9 @@ def list_snapshots(
             continue
         if info is not None and (prefix is None or info.prefix == prefix):
             infos.append(info)
-    return sorted(infos, key=lambda i: (i.step, i.sigma_rel))
+    if not include_classic:
+        infos = [info for info in infos if not info.is_classic]
+    return sorted(infos, key=_order)
 
 
 def runs_in(infos: Iterable[SnapshotInfo]) -> dict[tuple[str, str | None], list[SnapshotInfo]]:

@@ -1,4 +1,4 @@
-"""The training-time tracker: power-function EMAs of a model, and their snapshots."""
+"""The training-time tracker: power-function EMAs of a model (and classic ones beside them), and their snapshots."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import concurrent.futures
 import contextlib
 import fnmatch
 import logging
+import math
 import operator
 import os
+import re
 import uuid
 import warnings
 import weakref
@@ -29,6 +31,7 @@ from posthoc_ema._version import __version__
 from posthoc_ema.dtypes import dtype_name, parse_dtype
 from posthoc_ema.errors import ModelChangedError, SnapshotError, SnapshotWriteError
 from posthoc_ema.files import write_atomic
+from posthoc_ema.schedules import PowerFunction, Schedule, to_metadata
 from posthoc_ema.snapshots import DEFAULT_PREFIX, SnapshotInfo, check_prefix, list_snapshots, snapshot_name
 from posthoc_ema.writer import BackgroundWriter, FolderLock, release, write_error
 
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = "posthoc-ema/tracker"
 STATE_VERSION = 1
 EXISTING = ("error", "overwrite")
+# A schedule's name goes into snapshot file names: the characters of a prefix.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def clean_key(key: str) -> str:
@@ -88,6 +93,44 @@ def _as_sigma_rel(sigma_rel: Any) -> float:
         return float(sigma_rel)
     except (TypeError, ValueError):
         raise ValueError(f"sigma_rel={sigma_rel!r} is not a number") from None
+
+
+def _check_names(schedules: Mapping[str, Schedule]) -> tuple[tuple[str, Schedule, str], ...]:
+    """``(name, schedule, metadata spec)`` of each named schedule, checked."""
+    checked: list[tuple[str, Schedule, str]] = []
+    folded: dict[str, str] = {}
+    for name, schedule in schedules.items():
+        if not isinstance(name, str) or _NAME.fullmatch(name) is None:
+            raise ValueError(
+                f"schedule name {name!r} is not valid: use a letter or digit, then letters, digits, '_', '.' "
+                "or '-' (it goes into snapshot file names, e.g. 'timm')"
+            )
+        try:
+            float(name)
+        except ValueError:
+            pass
+        else:
+            raise ValueError(
+                f"schedule name {name!r} is a number, which would be read as a sigma_rel; use a word, e.g. 'timm'"
+            )
+        if name.lower() in folded:
+            raise ValueError(
+                f"schedule names {folded[name.lower()]!r} and {name!r} differ only in case; their snapshot "
+                "files would collide on case-insensitive file systems"
+            )
+        folded[name.lower()] = name
+        if not isinstance(schedule, Schedule):
+            raise ValueError(
+                f"schedules[{name!r}]={schedule!r} is not a schedule; give a posthoc_ema.schedules class "
+                "instance, e.g. Constant(0.9999)"
+            )
+        if isinstance(schedule, PowerFunction):
+            raise ValueError(
+                f"schedules[{name!r}] is a power function; track it with sigma_rels=(..., "
+                f"{float(schedule.sigma_rel)!r}), whose snapshots serve synthesis"  # type: ignore[arg-type]
+            )
+        checked.append((name, schedule, to_metadata(schedule)))
+    return tuple(checked)
 
 
 def _model_entries(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -211,6 +254,17 @@ class PostHocEMA:
     self-describing safetensors file, in the background; after training,
     :func:`posthoc_ema.synthesize` turns them into the EMA of any ``sigma_rel``.
 
+    Classic EMAs (timm, Composer, ema-pytorch, ...) are tracked beside them by
+    name: ``schedules={"timm": Constant(0.9998)}``. Each applies, at an update at
+    ``t`` after one at ``t_prev``, the decay ``schedule.beta(t, t_prev)`` of
+    :mod:`posthoc_ema.schedules`, and starts as a copy of the weights when the
+    tracker is created (updates at or before a schedule's ``start`` copy the
+    weights again), exactly as :meth:`Schedule.weights` describes. A name works
+    wherever a sigma_rel does (:meth:`ema_state_dict`, :meth:`copy_to`,
+    :meth:`swapped`, :meth:`functional_call`); their snapshots, named
+    ``<prefix>-<step>-<name>.safetensors``, record the schedule in their
+    metadata and are not used by synthesis.
+
     Floating parameters and buffers are averaged in float32 (float64 ones in
     float64) whatever the model's dtype; other buffers are copied. Keys are the
     model's ``state_dict()`` keys without ``module.`` / ``_orig_mod.`` prefixes.
@@ -224,7 +278,10 @@ class PostHocEMA:
 
     Args:
         model: the model being trained.
-        sigma_rels: relative widths of the tracked EMAs, each in (0, sqrt(1/12)).
+        sigma_rels: relative widths of the tracked power-function EMAs, each in
+            (0, sqrt(1/12)); may be empty (``()``) when ``schedules`` are given.
+        schedules: classic EMAs to track too, by name (letters, digits, ``_``,
+            ``.``, ``-``, not a number): ``{"timm": Constant(0.9998)}``.
         snapshot_dir: folder for snapshots; ``None`` tracks without writing any.
         snapshot_every: write snapshots whenever the step passes a multiple of
             this; ``None`` writes them only when :meth:`snapshot` is called.
@@ -255,6 +312,7 @@ class PostHocEMA:
 
     Raises:
         ValueError: for a sigma_rel outside (0, sqrt(1/12)), repeated sigma_rels,
+            no EMA at all, an invalid schedule name or a power function among the schedules,
             a non-positive ``snapshot_every`` or ``update_every``, a model with
             no floating tensor to track, a ``snapshot_dir`` that is a file, an
             invalid ``prefix`` or ``existing``.
@@ -274,6 +332,10 @@ class PostHocEMA:
         3
         >>> sorted(emas.ema_state_dict(0.05))
         ['bias', 'weight']
+        >>> from posthoc_ema.schedules import Constant
+        >>> timm_like = PostHocEMA(model, sigma_rels=(), schedules={"timm": Constant(0.9998)})
+        >>> timm_like.names
+        ('timm',)
     """
 
     def __init__(
@@ -281,6 +343,7 @@ class PostHocEMA:
         model: torch.nn.Module,
         sigma_rels: Sequence[float] | float = (0.05, 0.10),
         *,
+        schedules: Mapping[str, Schedule] | None = None,
         snapshot_dir: str | os.PathLike[str] | None = None,
         snapshot_every: int | None = 1000,
         update_every: int = 1,
@@ -296,9 +359,12 @@ class PostHocEMA:
             sigma_rels = sigma_rels.detach().cpu().double().numpy()
         given = np.asarray(sigma_rels, dtype=np.float64).reshape(-1)  # a number, a sequence, an array
         sigmas = tuple(profiles.canonical_sigma_rel(s) for s in given)
-        if not sigmas:
-            raise ValueError("sigma_rels is empty; give at least one sigma_rel, e.g. (0.05, 0.10)")
-        gammas = profiles.sigma_rel_to_gamma(sigmas)  # validates the range
+        named = _check_names(schedules or {})
+        if not sigmas and not named:
+            raise ValueError(
+                "sigma_rels is empty and no schedules are given; track at least one EMA, e.g. sigma_rels=(0.05, 0.10)"
+            )
+        gammas = profiles.sigma_rel_to_gamma(np.asarray(sigmas, dtype=np.float64))  # validates the range
         if len(set(sigmas)) != len(sigmas):
             raise ValueError(f"sigma_rels={sigmas} repeats a value (to {profiles.SIGMA_REL_DIGITS} significant digits)")
         for name, value in (("snapshot_every", snapshot_every), ("update_every", update_every)):
@@ -308,6 +374,8 @@ class PostHocEMA:
             raise ValueError(f"existing={existing!r} is not one of {', '.join(map(repr, EXISTING))}")
         self.sigma_rels: tuple[float, ...] = sigmas
         self.gammas: tuple[float, ...] = tuple(float(g) for g in gammas)
+        self._named = named  # (name, schedule, metadata spec); their EMAs come after the power functions'
+        self._n_emas = len(sigmas) + len(named)
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
         self.snapshot_every = snapshot_every
         self.update_every = update_every
@@ -321,7 +389,7 @@ class PostHocEMA:
         self._ema_step = 0  # time of the last EMA update
         self._calls = 0  # update() calls, for update_every
         self._snapshot_step = 0  # time of the last snapshot
-        self._start_steps = [0] * len(sigmas)  # when each EMA began: > 0 for one added on resume
+        self._start_steps = [0] * len(sigmas)  # when each power-function EMA began: > 0 for one added on resume
         self._device = None if device is None else torch.device(device)
         self._build(model, trainable_only=trainable_only, exclude=tuple(exclude))
         self._init_writing()
@@ -385,7 +453,7 @@ class PostHocEMA:
                     t.detach().to(device=ema_device, dtype=ema_dtype, copy=True, memory_format=torch.contiguous_format)
                     for t in sources
                 ]
-                for _ in self.sigma_rels
+                for _ in range(self._n_emas)
             ]
             sentinel = next((i for i, t in enumerate(sources) if isinstance(t, torch.nn.Parameter)), 0)
             group = _Group(sources, emas, None, None, src_device, src_dtype, sentinel)
@@ -447,8 +515,7 @@ class PostHocEMA:
 
     def _flatten(self) -> None:
         self._flat_emas = [
-            [t.view(-1) for _, t in self._ema_items_of(index, self._floating_keys)]
-            for index in range(len(self.sigma_rels))
+            [t.view(-1) for _, t in self._ema_items_of(index, self._floating_keys)] for index in range(self._n_emas)
         ]
 
     # -- following the model ------------------------------------------------
@@ -585,8 +652,10 @@ class PostHocEMA:
             if sentinel.device != group.src_device or sentinel.dtype != group.src_dtype:
                 self._check_moves()  # raises, naming the tensor
         step, prev = self.step, self._ema_step
-        # EDM2 eq. 127 in Python floats: no tensor is read on the host, so no sync.
+        # EDM2 eq. 127 in Python floats: no tensor is read on the host, so no sync. The
+        # schedules' decays are NumPy scalars of Python numbers: O(#EMAs), no tensor either.
         weights = [1.0 - (prev / step) ** (g + 1) for g in self.gammas]
+        weights += [1.0 - float(schedule.beta(step, prev)) for _, schedule, _ in self._named]
         try:
             for group in self._groups:
                 sources = group.sources
@@ -661,14 +730,38 @@ class PostHocEMA:
 
     # -- reading the EMAs -----------------------------------------------------
 
-    def _index(self, sigma_rel: float) -> int:
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names of the tracked classic EMAs, in the order given."""
+        return tuple(name for name, _, _ in self._named)
+
+    @property
+    def schedules(self) -> dict[str, Schedule]:
+        """The tracked classic EMAs' schedules by name (a copy)."""
+        return {name: schedule for name, schedule, _ in self._named}
+
+    def _tracked_list(self) -> str:
+        return ", ".join([*map(repr, self.sigma_rels), *map(repr, self.names)]) or "nothing"
+
+    def _index(self, sigma_rel: float | str) -> int:
+        """The EMA index of a schedule name (a str) or a sigma_rel (a number, matched by profiles.same_sigma_rel)."""
+        if isinstance(sigma_rel, str):
+            for i, name in enumerate(self.names):
+                if name == sigma_rel:
+                    return len(self.sigma_rels) + i
+            try:
+                float(sigma_rel)
+            except ValueError:
+                raise ValueError(
+                    f"sigma_rel={sigma_rel!r} is not a number, nor the name of a tracked schedule; "
+                    f"tracked: {self._tracked_list()}"
+                ) from None
         value = _as_sigma_rel(sigma_rel)
         for i, s in enumerate(self.sigma_rels):
             if profiles.same_sigma_rel(s, value):
                 return i
         raise ValueError(
-            f"sigma_rel={profiles.canonical_sigma_rel(value)!r} is not tracked; "
-            f"tracked: {', '.join(map(repr, self.sigma_rels))}"
+            f"sigma_rel={profiles.canonical_sigma_rel(value)!r} is not tracked; tracked: {self._tracked_list()}"
         )
 
     def _ema_items(self, index: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -679,15 +772,16 @@ class PostHocEMA:
             holder, i = self._slot[id(self._sources[key])]
             yield key, holder.emas[index][i] if isinstance(holder, _Group) else holder.values[i]
 
-    def ema_state_dict(self, sigma_rel: float) -> dict[str, torch.Tensor]:
-        """A copy of the EMA of ``sigma_rel`` as it stands (floating entries in the EMAs' dtype, see :meth:`to`).
+    def ema_state_dict(self, sigma_rel: float | str) -> dict[str, torch.Tensor]:
+        """A copy of the EMA of ``sigma_rel`` (or of the schedule of that name) as it stands.
 
-        With ``update_every > 1`` this is the EMA at its last update, :attr:`ema_step`.
-        ``sigma_rel`` may be any number (NumPy, 0-d tensor); it matches a tracked
-        one to 6 significant digits.
+        Floating entries are in float32 or wider. With ``update_every > 1`` this
+        is the EMA at its last update, :attr:`ema_step`. ``sigma_rel`` may be any
+        number (NumPy, 0-d tensor); it matches a tracked one to 6 significant
+        digits. A str is the name of a tracked schedule.
 
         Raises:
-            ValueError: if ``sigma_rel`` is not tracked.
+            ValueError: if ``sigma_rel`` is not tracked, or no schedule has that name.
         """
         return {k: t.detach().clone() for k, t in self._ema_items(self._index(sigma_rel))}
 
@@ -719,13 +813,13 @@ class PostHocEMA:
                 raise ValueError(f"the model's {key!r} is on the meta device, which holds no data; nothing was copied")
         return target
 
-    def copy_to(self, model: torch.nn.Module, sigma_rel: float) -> None:
-        """Load the EMA of ``sigma_rel`` into ``model`` (in its own dtype and device).
+    def copy_to(self, model: torch.nn.Module, sigma_rel: float | str) -> None:
+        """Load the EMA of ``sigma_rel`` (or of the schedule of that name) into ``model`` (in its own dtype and device).
 
         Every tensor is checked first, so on an error the model is left untouched.
 
         Raises:
-            ValueError: if ``sigma_rel`` is not tracked, or the model lacks a tracked
+            ValueError: if ``sigma_rel`` (or name) is not tracked, or the model lacks a tracked
                 tensor or has one of another shape or of a dtype the EMA cannot be
                 cast to.
         """
@@ -738,8 +832,8 @@ class PostHocEMA:
             target[key].copy_(value)
 
     @contextlib.contextmanager
-    def swapped(self, model: torch.nn.Module, sigma_rel: float) -> Iterator[torch.nn.Module]:
-        """Temporarily put the EMA of ``sigma_rel`` into ``model``, e.g. to evaluate it.
+    def swapped(self, model: torch.nn.Module, sigma_rel: float | str) -> Iterator[torch.nn.Module]:
+        """Temporarily put the EMA of ``sigma_rel`` (or of a schedule, by name) into ``model``, e.g. to evaluate it.
 
         The model's own tensors are restored bit for bit on exit, also when the
         block raises. Every tensor is checked before the first is touched.
@@ -764,6 +858,54 @@ class PostHocEMA:
             with torch.no_grad():
                 for key, saved in backup.items():
                     target[key].copy_(saved)
+
+    def functional_call(
+        self,
+        model: torch.nn.Module,
+        sigma_rel: float | str,
+        args: Any,
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Run ``model`` with the weights of an EMA, without swapping them in or copying the model.
+
+        Through :func:`torch.func.functional_call`: the model's own tensors are
+        neither read nor changed, so this is ema-pytorch's ``ema(x)`` without a
+        second model in memory. Each EMA tensor is cast to the dtype and device
+        of the model's tensor it stands for (an EMA is float32 while the model may
+        be bfloat16): the tensors that already match are used as they are, the
+        others are cast copies for the call's duration. Tensors the tracker does
+        not hold (non-persistent buffers, ``exclude``d or frozen ones with
+        ``trainable_only``) are the model's own. The call runs in the caller's
+        grad mode; the EMA tensors never require grad.
+
+        Args:
+            model: the tracked model (or a wrapper of it, or the module it wraps).
+            sigma_rel: a tracked sigma_rel, or a schedule's name.
+            args: the positional arguments of ``model``'s forward (a tuple, or one argument).
+            kwargs: its keyword arguments.
+
+        Returns:
+            What ``model(*args, **kwargs)`` returns with the EMA's weights.
+
+        Raises:
+            ValueError: as :meth:`copy_to`, before the model is run.
+
+        Example:
+            >>> model = torch.nn.Linear(2, 1)
+            >>> emas = PostHocEMA(model, sigma_rels=0.1)
+            >>> emas.update()
+            >>> emas.functional_call(model, 0.1, (torch.ones(3, 2),)).shape
+            torch.Size([3, 1])
+        """
+        index = self._index(sigma_rel)
+        self._target(model, index)  # checks names, shapes, dtypes and devices
+        ema = dict(self._ema_items(index))
+        tensors: dict[str, torch.Tensor] = {}
+        for key, dest in model.state_dict(keep_vars=True).items():
+            value = ema.get(clean_key(key))
+            if value is not None:
+                tensors[key] = value.to(device=dest.device, dtype=dest.dtype)
+        return torch.func.functional_call(model, tensors, args, dict(kwargs or {}))
 
     # -- snapshots ------------------------------------------------------------
 
@@ -833,6 +975,21 @@ class PostHocEMA:
                 start_step=start_step or None,
             )
             for sigma_rel, gamma, start_step in zip(self.sigma_rels, self.gammas, self._start_steps, strict=True)
+        ] + [
+            SnapshotInfo(
+                path=self.snapshot_dir / snapshot_name(self._ema_step, name, self.prefix),
+                step=self._ema_step,
+                sigma_rel=math.nan,
+                gamma=math.nan,
+                dtype=dtype_name(self.snapshot_dtype),
+                update_every=self.update_every,
+                library_version=__version__,
+                run_id=self.run_id,
+                prefix=self.prefix,
+                name=name,
+                schedule=spec,
+            )
+            for name, _, spec in self._named
         ]
         if _is_writer_rank():
             writer = self._start_writing()  # raises before anything is staged
@@ -843,7 +1000,7 @@ class PostHocEMA:
             for info, (job, flat) in zip(infos, jobs, strict=True):
                 self._buffers.append((writer.submit(info.path, job), flat))
             # Keep one idle buffer per EMA; drop the extras a slow disk made.
-            idle = [b for b in self._buffers if b[0].done()][len(self.sigma_rels) :]
+            idle = [b for b in self._buffers if b[0].done()][self._n_emas :]
             self._buffers = [b for b in self._buffers if not any(b is i for i in idle)]
         else:
             self._snapshot_step = self._ema_step
@@ -937,7 +1094,9 @@ class PostHocEMA:
         assert self.snapshot_dir is not None
         theirs = [
             info
-            for info in list_snapshots(self.snapshot_dir, prefix=self.prefix, skip_unreadable=True)
+            for info in list_snapshots(
+                self.snapshot_dir, prefix=self.prefix, include_classic=True, skip_unreadable=True
+            )
             if info.run_id != self.run_id and not (info.run_id is None and self._legacy_resume)
         ]
         if not theirs:
@@ -1066,9 +1225,11 @@ class PostHocEMA:
     # -- resume ---------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: counters and every EMA tensor.
+        """Everything needed to resume exactly: counters and every EMA tensor, the schedules' included.
 
-        Loads back with ``torch.load(..., weights_only=True)``.
+        The schedules are recorded by name and metadata spec
+        (:func:`posthoc_ema.schedules.to_metadata`). Loads back with
+        ``torch.load(..., weights_only=True)``.
         """
         return {
             "format": STATE_FORMAT,
@@ -1081,6 +1242,10 @@ class PostHocEMA:
             "run_id": self.run_id,
             "start_steps": list(self._start_steps),
             "emas": [dict(self._ema_items(i)) for i in range(len(self.sigma_rels))],
+            "schedules": {name: spec for name, _, spec in self._named},
+            "schedule_emas": {
+                name: dict(self._ema_items(len(self.sigma_rels) + i)) for i, name in enumerate(self.names)
+            },
         }
 
     @torch.no_grad()
@@ -1094,14 +1259,17 @@ class PostHocEMA:
         ``start_step``. Synthesis leaves such snapshots out, as their profile is
         not a power function from step 0 (see :func:`posthoc_ema.plan`).
 
+        The classic schedules must be the same, by name and spec, as the state's:
+        their EMAs are restored bit for bit too.
+
         Snapshots already in ``snapshot_dir`` are kept; the ones after the
         restored step come from the interrupted run and are replaced as training
         reaches their step again.
 
         Raises:
             ValueError: if the state is not a tracker state, holds a sigma_rel this
-                tracker does not track, or its tensor names or shapes differ from
-                this tracker's.
+                tracker does not track, has other schedules (names or specs), or
+                its tensor names or shapes differ from this tracker's.
 
         Example:
             >>> model = torch.nn.Linear(2, 1)
@@ -1123,10 +1291,20 @@ class PostHocEMA:
                 f"the state_dict tracks sigma_rel={unknown[0]!r}, which this PostHocEMA does not "
                 f"(it tracks {', '.join(map(repr, self.sigma_rels))}); create it with every saved sigma_rel"
             )
+        saved_schedules = dict(state_dict.get("schedules", {}))
+        ours = {name: spec for name, _, spec in self._named}
+        if saved_schedules != ours:
+            differ = sorted(n for n in set(saved_schedules) | set(ours) if saved_schedules.get(n) != ours.get(n))
+            name = differ[0]
+            raise ValueError(
+                f"the state_dict's schedules differ from this PostHocEMA's at {name!r}: saved "
+                f"{saved_schedules.get(name, 'nothing')}, here {ours.get(name, 'nothing')}; create the tracker "
+                "with the schedules of the run it resumes"
+            )
         saved_of: dict[int, int] = {}  # this tracker's index -> the state's index
         for j, s in enumerate(theirs):
             saved_of[next(i for i, m in enumerate(self.sigma_rels) if profiles.same_sigma_rel(s, m))] = j
-        for saved in state_dict["emas"]:
+        for saved in [*state_dict["emas"], *state_dict.get("schedule_emas", {}).values()]:
             missing = [k for k in self._keys if k not in saved]
             unexpected = [k for k in saved if k not in self._sources]
             if missing or unexpected:
@@ -1153,6 +1331,10 @@ class PostHocEMA:
                     torch._foreach_copy_(group.emas[index], group.sources)
                 self._start_steps[index] = ema_step
                 log.info("sigma_rel=%r is new in this run: its EMA starts at step %d", self.sigma_rels[index], ema_step)
+        for i, name in enumerate(self.names):
+            saved = state_dict["schedule_emas"][name]
+            for key, value in self._ema_items(len(self.sigma_rels) + i):
+                value.copy_(saved[key])
         self.step = int(state_dict["step"])
         self._ema_step = int(state_dict["ema_step"])
         self._calls = int(state_dict["calls"])
@@ -1163,7 +1345,9 @@ class PostHocEMA:
         if self.snapshot_dir is not None:
             later = [
                 i
-                for i in list_snapshots(self.snapshot_dir, prefix=self.prefix, skip_unreadable=True)
+                for i in list_snapshots(
+                    self.snapshot_dir, prefix=self.prefix, include_classic=True, skip_unreadable=True
+                )
                 if i.step > self.step and i.run_id in (self.run_id, None)
             ]
             if later:
