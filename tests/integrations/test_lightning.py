@@ -118,7 +118,7 @@ def test_one_update_per_optimizer_step_equal_to_a_plain_tracker(tmp_path: Path) 
     plain = _replay(recorder.after_step)
     for s in (0.05, 0.10):
         assert _equal(ema.emas.ema_state_dict(s), plain.ema_state_dict(s))
-    names = sorted(p.name for p in (tmp_path / "snaps").iterdir())
+    names = sorted(p.name for p in (tmp_path / "snaps").glob("*.safetensors"))
     assert len(names) == 2 * steps // 2  # two sigma_rels every 2 steps
     sd = ema.emas.synthesize(0.08)
     Tiny().load_state_dict(sd, strict=True)
@@ -207,6 +207,7 @@ import sys
 import torch
 import lightning.pytorch as pl
 from posthoc_ema.integrations.lightning import PostHocEMACallback
+from posthoc_ema.snapshots import list_snapshots
 
 
 class Module(pl.LightningModule):
@@ -229,7 +230,8 @@ if __name__ == "__main__":
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, callbacks=[ema], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Module(), data)
-    wrote = ema.emas._writer is not None  # only a rank that wrote a snapshot started a writer
+    # Each rank's tracker has its own run id: the files of this rank's run are the ones it wrote.
+    wrote = any(i.run_id == ema.emas.run_id for i in list_snapshots(sys.argv[1]))
     print(f"rank {trainer.global_rank} step {ema.emas.step} wrote {wrote}")
 """
 
@@ -254,5 +256,5 @@ def test_under_ddp_every_rank_updates_and_rank_zero_writes(tmp_path: Path) -> No
         "rank 0 step 4 wrote True",
         "rank 1 step 4 wrote False",
     ]
-    names = sorted(p.name for p in (tmp_path / "snaps").iterdir())
+    names = sorted(p.name for p in (tmp_path / "snaps").glob("*.safetensors"))
     assert len(names) == 4 and all(n.endswith(".safetensors") for n in names)  # 2 sigma_rels x steps 2, 4; no .tmp left
