@@ -464,7 +464,9 @@ def _solve_cells(
     covered = owner < n_steps
     owner_safe = np.where(covered, owner, 0)
     # e_cell restricted to interval j is (T_j / s)**(g_a + 1) times the interval basis e_(j,a).
-    factor = np.where(covered, np.exp((grid.gammas[None, :] + 1) * (log_t[:, None] - log_t[owner_safe])), 0.0)
+    # (Uncovered entries get exp(-inf) = 0: exp of their meaningless exponent could overflow.)
+    exponent = (grid.gammas[None, :] + 1) * (log_t[:, None] - log_t[owner_safe])
+    factor = np.exp(np.where(covered, exponent, -np.inf))
     cell_of = np.where(covered, cell_number[owner_safe, np.arange(n_classes)[None, :]], 0)
     n_cells = int(grid.occupied.sum())
     interval_gram = _interval_gram(grid)
