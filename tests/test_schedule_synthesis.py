@@ -158,9 +158,7 @@ def test_classic_sigma_rels_are_their_equivalent_ones(run) -> None:  # type: ign
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PoorReconstructionWarning)
         the_plan = plan(folder, [Constant(0.99), Constant(0.9997)])
-    assert the_plan.sigma_rels[0] == profiles.canonical_sigma_rel(
-        schedules.equivalent_sigma_rel(Constant(0.99), STEPS)
-    )
+    assert the_plan.sigma_rels[0] == profiles.canonical_sigma_rel(schedules.equivalent_sigma_rel(Constant(0.99), STEPS))
     assert math.isnan(the_plan.sigma_rels[1])  # half of it is its initial copy: wider than any power function
     assert np.isnan(the_plan.gammas).all()
 
