@@ -276,16 +276,16 @@ class ByTarget(dict[Any, "StateDict"]):
         return profiles.canonical_sigma_rel(float(key))
 
     def __getitem__(self, key: object) -> StateDict:
-        return super().__getitem__(self._key(key))  # type: ignore[index]
+        return super().__getitem__(self._key(key))
 
     def __contains__(self, key: object) -> bool:
         return super().__contains__(self._key(key))
 
     def get(self, key: object, default: object = None) -> object:  # type: ignore[override]
-        return super().get(self._key(key), default)  # type: ignore[call-overload]
+        return super().get(self._key(key), default)
 
     def pop(self, key: object, *default: object) -> object:  # type: ignore[override]
-        return super().pop(self._key(key), *default)  # type: ignore[call-overload]
+        return super().pop(self._key(key), *default)
 
 
 def _layout(info: SnapshotInfo) -> dict[str, tuple[bool, tuple[int, ...]]]:
@@ -403,7 +403,12 @@ def _as_targets(sigma_rels: Target | Iterable[Target]) -> list[Target]:
     """The targets as a flat list: numbers as float64 (as they always were), schedules as given."""
     if isinstance(sigma_rels, Schedule):
         return [sigma_rels]
-    items = [sigma_rels] if np.ndim(sigma_rels) == 0 and not isinstance(sigma_rels, Iterable) else list(sigma_rels)
+    if isinstance(sigma_rels, np.ndarray):
+        items: list[Any] = list(sigma_rels.reshape(-1))
+    elif isinstance(sigma_rels, Iterable):
+        items = list(sigma_rels)
+    else:
+        items = [sigma_rels]
     if not any(isinstance(t, Schedule) for t in items):
         return list(np.asarray(items, dtype=np.float64).reshape(-1))
     return [t if isinstance(t, Schedule) else np.float64(t) for t in items]
@@ -673,7 +678,7 @@ def run(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str = torch.float32,
     progress: Callable[[int, int], None] | None = None,
-) -> dict[float, StateDict]:
+) -> dict[Any, StateDict]:
     """Carry out a :func:`plan`: the streaming pass of :func:`synthesize_many`.
 
     The floating tensors of a snapshot are seen as one flat vector (in file
@@ -877,7 +882,7 @@ def synthesize(
     sds = synthesize_many(
         snapshot_dir, [sigma_rel], step=step, device=device, dtype=dtype, prefix=prefix, update_every=update_every
     )
-    return sds[sigma_rel]  # type: ignore[no-any-return]
+    return sds[sigma_rel]
 
 
 def save(
