@@ -290,7 +290,9 @@ def _print_report(the_plan: Plan) -> None:
         notes = []
         initial = 0.0 if the_plan.initial_weights is None else float(the_plan.initial_weights[j])
         if initial > INITIAL_WEIGHT_THRESHOLD:
-            notes.append(f"CANNOT BE REPRESENTED: its initial copy weighs {initial:.1%}")
+            at = 0.0 if the_plan.copy_steps is None else float(the_plan.copy_steps[j])
+            copy = "initial copy" if at == 0 else f"copy at step {at:g}"
+            notes.append(f"CANNOT BE REPRESENTED: its {copy} weighs {initial:.1%}")
         if the_plan.outside[j]:
             notes.append("outside the tracked range")
         if err > ERROR_WARNING_THRESHOLD:

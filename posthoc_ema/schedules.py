@@ -52,6 +52,7 @@ __all__ = [
     "initial_weight",
     "parse_schedule",
     "schedule_spec",
+    "start_copy",
     "target_products",
 ]
 
@@ -942,3 +943,29 @@ def initial_weight(schedule: Schedule | float, out_step: float, *, update_steps:
         if last is not None:
             initial = last
     return float(initial)
+
+
+def start_copy(
+    schedule: Schedule | float, out_step: float, *, update_steps: ArrayLike | None = None
+) -> tuple[float, float]:
+    """``(step, weight)`` of the copy of the weights an EMA read at ``out_step`` started from.
+
+    The latest update whose decay is 0 (``Constant(beta, start=s)`` copies at
+    every update up to ``s``), or the initial copy at step 0 when no update
+    copies; ``weight`` is what that copy still carries at ``out_step``. A copy is
+    one step's weights held as a point mass, which no power-function snapshot
+    profile reproduces: above 1% or so it dominates the reconstruction error.
+
+    Example:
+        >>> step, weight = start_copy(Constant(0.999, start=1000), 2000)
+        >>> step, round(weight, 4)
+        (1000.0, 0.3677)
+    """
+    sched = as_schedule(schedule)
+    for t_prev, t, w, last in sched._walk(update_steps, out_step):
+        copies = np.flatnonzero(np.isneginf(sched.log_beta(t, t_prev))) if t.size else np.zeros(0, dtype=np.intp)
+        if copies.size:
+            return float(t[copies[-1]]), float(w[copies[-1]])
+        if last is not None:
+            return 0.0, float(last)
+    return 0.0, 0.0  # pragma: no cover - the walk always ends with its initial copy

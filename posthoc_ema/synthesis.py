@@ -70,9 +70,10 @@ StateDict = dict[str, torch.Tensor]
 #: differently from the requested EMA.
 ERROR_WARNING_THRESHOLD = 0.05
 
-#: A classic target whose initial copy (the weights at step 0) still carries
-#: more than this fraction of its weight at the step read cannot be represented:
-#: no power-function snapshot gives any weight to step 0. :func:`plan` names it.
+#: A classic target whose starting copy (the weights at step 0, or at its
+#: ``start``) still carries more than this fraction of its weight at the step
+#: read cannot be represented: that copy is one step's weights held as a point
+#: mass, which no power-function snapshot reproduces. :func:`plan` names it.
 INITIAL_WEIGHT_THRESHOLD = 0.01
 
 #: What a target may be: a sigma_rel, or a schedule (:mod:`posthoc_ema.schedules`).
@@ -125,9 +126,12 @@ class Plan:
             of its canonical sigma_rel for a sigma_rel, else the schedule given.
             Empty only in plans built by hand before targets existed (then
             :attr:`sigma_rels` are the targets).
-        initial_weights: the weight each target's initial copy (the weights at
-            step 0) carries at :attr:`step` (0 for a power function); above
-            :data:`INITIAL_WEIGHT_THRESHOLD` the target cannot be represented.
+        initial_weights: the weight each target's starting copy still carries at
+            :attr:`step` (:func:`~posthoc_ema.schedules.start_copy`): the initial
+            copy (the weights at step 0), or the copy at its ``start``; about 0
+            for a power function. Above :data:`INITIAL_WEIGHT_THRESHOLD` the target
+            cannot be represented.
+        copy_steps: the step of each target's starting copy (0: the initial copy).
         update_every: the classic targets' update grid: an update at every
             ``update_every``-th step up to :attr:`step` (from the snapshots' metadata).
     """
@@ -145,6 +149,7 @@ class Plan:
     targets: tuple[Schedule, ...] = ()
     initial_weights: npt.NDArray[np.float64] | None = None
     update_every: int = 1
+    copy_steps: npt.NDArray[np.float64] | None = None
 
     def _targets(self) -> tuple[Schedule, ...]:
         return self.targets or tuple(PowerFunction(sigma_rel=s) for s in self.sigma_rels)
@@ -182,6 +187,7 @@ class Plan:
             sigma_rels=tuple(self.sigma_rels[i] for i in index),
             targets=tuple(self.targets[i] for i in index) if self.targets else (),
             initial_weights=None if self.initial_weights is None else self.initial_weights[idx],
+            copy_steps=None if self.copy_steps is None else self.copy_steps[idx],
             gammas=self.gammas[idx],
             coefficients=self.coefficients[:, idx],
             errors=self.errors[idx],
@@ -446,7 +452,8 @@ def plan(
     A classic EMA updates every ``update_every``-th step ``k, 2k, ...`` up to
     the step read (every integer step by default), and starts as a copy of the
     weights at step 0; power-function snapshots give that copy no weight, so a
-    target whose copy still weighs more than :data:`INITIAL_WEIGHT_THRESHOLD`
+    target whose starting copy (at step 0, or at its ``start``) still weighs
+    more than :data:`INITIAL_WEIGHT_THRESHOLD`
     is reported as one the snapshots cannot represent.
 
     Args:
@@ -532,6 +539,7 @@ def plan(
     sigma_list = [math.nan] * n_targets
     gammas = np.full(n_targets, math.nan)
     initial = np.zeros(n_targets)
+    copy_steps = np.zeros(n_targets)
     if power:
         coef[:, power] = profiles.solve_coefficients(in_steps, in_sigmas, out_step, power_sigmas)
         errors[power] = profiles.reconstruction_error(coef[:, power], in_steps, in_sigmas, out_step, power_sigmas)
@@ -549,7 +557,7 @@ def plan(
             cross[:, c], norm_sq[c] = schedules.target_products(
                 scheds[j], out_step, steps_f, gammas_f, update_steps=grid
             )
-            initial[j] = schedules.initial_weight(scheds[j], out_step, update_steps=grid)
+            copy_steps[j], initial[j] = schedules.start_copy(scheds[j], out_step, update_steps=grid)
             with contextlib.suppress(ValueError):  # wider than any power function: NaN
                 sigma_list[j] = profiles.canonical_sigma_rel(
                     schedules.equivalent_sigma_rel(scheds[j], out_step, update_steps=grid)
@@ -582,6 +590,7 @@ def plan(
         targets=tuple(scheds),
         initial_weights=initial,
         update_every=every,
+        copy_steps=copy_steps,
     )
     names = [
         f"{s:.4g}" if isinstance(t, PowerFunction) else lab for s, t, lab in zip(targets, scheds, labels, strict=True)
@@ -590,10 +599,14 @@ def plan(
     held = [j for j in classic if initial[j] > INITIAL_WEIGHT_THRESHOLD]
     if held:
         warnings.warn(
-            f"{len(held)} of {len(targets)} targets ({', '.join(labels[j] for j in held)}) cannot be represented: "
-            f"their initial copy, the weights at step 0, still carries {', '.join(f'{initial[j]:.1%}' for j in held)} "
-            f"of their weight at step {out_step}, and no power-function snapshot gives step 0 any weight; "
-            "start them later (start=...) or choose a smaller decay",
+            f"{len(held)} of {len(targets)} targets cannot be represented: "
+            + "; ".join(
+                f"{labels[j]} still keeps {initial[j]:.1%} of its weight at step {out_step} on the copy of the "
+                f"weights at step {copy_steps[j]:g} it started from"
+                for j in held
+            )
+            + "; a copy is one step's weights, which no power-function snapshot reproduces: choose a smaller "
+            "decay or an earlier start",
             PoorReconstructionWarning,
             stacklevel=2,
         )

@@ -162,8 +162,8 @@ def test_the_report_names_a_target_its_initial_copy_holds(run_dir: Path, tmp_pat
     weight = 0.995**LAST
     assert f"CANNOT BE REPRESENTED: its initial copy weighs {weight:.1%}" in line
     assert (
-        "(constant:beta=0.995) cannot be represented: their initial copy, the weights at step 0, "
-        f"still carries {weight:.1%}" in usage_error(stderr)
+        f"cannot be represented: constant:beta=0.995 still keeps {weight:.1%} of its weight at step {LAST} "
+        "on the copy of the weights at step 0 it started from" in usage_error(stderr)
     )
 
 

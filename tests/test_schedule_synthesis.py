@@ -169,13 +169,21 @@ def test_a_target_held_by_its_initial_copy_is_named_as_unrepresentable(run) -> N
         the_plan = plan(folder, [0.1, Constant(0.999)])
     messages = [str(w.message) for w in caught]
     assert any(
-        "1 of 2 targets (constant:beta=0.999) cannot be represented: their initial copy, the weights at step 0, "
-        "still carries 13.5% of their weight at step 2000" in m
+        "1 of 2 targets cannot be represented: constant:beta=0.999 still keeps 13.5% of its weight at step 2000 "
+        "on the copy of the weights at step 0 it started from" in m
         for m in messages
     ), messages
     assert the_plan.initial_weights[1] == pytest.approx(0.999**STEPS, rel=1e-9)
-    assert the_plan.initial_weights[0] == 0.0
+    assert the_plan.initial_weights[0] == 0.0 and the_plan.copy_steps[1] == 0.0
     assert the_plan.errors[1] > 0.3
+    # A late start is a copy too: of the weights at that step, held as a point mass.
+    with pytest.warns(PoorReconstructionWarning) as caught:
+        late = plan(folder, Constant(0.99, start=1900))
+    assert any("constant:beta=0.99,start=1900 still keeps 36.6% of its weight" in str(w.message) for w in caught)
+    assert late.copy_steps[0] == 1900.0 and late.initial_weights[0] == pytest.approx(0.99**100, rel=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plan(folder, Constant(0.99, start=1000)).initial_weights[0] < 1e-4  # no warning at all
 
 
 def test_output_files_record_the_schedule(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
