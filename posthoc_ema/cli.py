@@ -300,7 +300,7 @@ def _print_report(the_plan: Plan) -> None:
         gamma, norm = float(the_plan.gammas[j]), float(the_plan.coefficient_norms[j])
         rounding = format_error(float(the_plan.rounding_errors[j]))
         if the_plan.is_classic(j):  # its sigma_rel is the equivalent width
-            width = "-" if math.isnan(sigma_rel) else f"~{_fmt(sigma_rel)}"
+            width = "-" if math.isnan(sigma_rel) else f"~{sigma_rel:.4g}"
             cells = [width, "-"]
         else:
             cells = [_fmt(sigma_rel), f"{gamma:.4g}"]
