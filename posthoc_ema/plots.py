@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from posthoc_ema import profiles
 from posthoc_ema.results import grid_axes
@@ -70,7 +71,8 @@ def plot_profile(
     """The target profile of one planned EMA, its reconstruction, and the weighted snapshots.
 
     Draws, against the training step, the power-function profile of target
-    ``index`` (EDM2 eq. 121), the reconstruction ``sum_i c_i f_i(t)`` from the
+    ``index`` (EDM2 eq. 121; for a classic schedule, its piecewise-constant
+    profile over its update steps), the reconstruction ``sum_i c_i f_i(t)`` from the
     plan's snapshots, and each weighted snapshot profile ``c_i f_i(t)`` as a thin
     line coloured by its sigma_rel (cf. EDM2 Fig. 5). Densities are scaled by the
     plan's step so that 1 is the uniform average over the run.
@@ -123,9 +125,16 @@ def plot_profile(
                 alpha=0.55,
                 label=f"{len(rows)} weighted snapshots of sigma_rel={s:.3g}" if j == 0 else None,
             )
-    target = profiles.power_profile(t, out_step, gamma) * out_step
     recon = (coef[:, None] * profiles.power_profile(t, steps[:, None], gammas[:, None])).sum(axis=0) * out_step
-    ax.plot(t, target, color="black", linewidth=2.4, label=f"target: sigma_rel={sigma_rel:.3g} (gamma={gamma:.3g})")
+    if the_plan.is_classic(index):
+        target = _classic_density(the_plan, index, t) * out_step
+        name = the_plan.labels[index]
+        target_label = f"target: {name}" + ("" if np.isnan(sigma_rel) else f" (~sigma_rel {sigma_rel:.3g})")
+    else:
+        target = profiles.power_profile(t, out_step, gamma) * out_step
+        name = f"sigma_rel={sigma_rel:.3g}"
+        target_label = f"target: sigma_rel={sigma_rel:.3g} (gamma={gamma:.3g})"
+    ax.plot(t, target, color="black", linewidth=2.4, label=target_label)
     ax.plot(t, recon, color="C1", linewidth=1.6, linestyle="--", label="reconstruction from the snapshots")
     ax.axhline(0, color="0.5", linewidth=0.6)
     ax.set_xlim(0, out_step)
@@ -143,13 +152,24 @@ def plot_profile(
     ax.set_ylabel("weight density (1 = uniform over the run)")
     where = " (outside the tracked range)" if the_plan.outside[index] else ""
     ax.set_title(
-        f"EMA profile sigma_rel={sigma_rel:.3g} at step {the_plan.step}{where}\n"
+        f"EMA profile {name} at step {the_plan.step}{where}\n"
         f"from {len(steps)} snapshots; predicted error {the_plan.errors[index]:.2%}",
         fontsize="medium",
     )
     ax.legend(loc="upper left", fontsize="small", framealpha=0.85)
     ax.grid(alpha=0.3)
     return _finish(fig, path)
+
+
+def _classic_density(the_plan: Plan, index: int, t: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """A classic target's piecewise-constant profile at times ``t`` (its initial copy counted on the first update)."""
+    update_steps = the_plan.update_steps()
+    grid = np.arange(1.0, the_plan.step + 1) if update_steps is None else update_steps
+    weights = the_plan.targets[index].weights(grid, float(the_plan.step))
+    weights[1] += weights[0]
+    density = weights[1:] / np.diff(np.concatenate([[0.0], grid]))
+    slot = np.clip(np.searchsorted(grid, t, side="left"), 0, grid.size - 1)
+    return np.where(t > 0, density[slot], 0.0)
 
 
 def plot_error_curve(

@@ -230,3 +230,20 @@ def test_repeated_schedules_are_refused(run) -> None:  # type: ignore[no-untyped
         plan(folder, [Constant(0.99), 0.1, Constant(0.99, start=0)])
     with pytest.raises(ValueError, match=r"sigma_rels repeats sigma_rel=0.1"):
         plan(folder, [PowerFunction(sigma_rel=0.1), 0.1])
+
+
+def test_the_profile_plot_draws_a_classic_target(run) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("matplotlib")
+    from posthoc_ema.plots import plot_profile
+
+    folder, _ = run
+    the_plan = plan(folder, [0.1, HalfLife(150.0, start=500)])
+    ax = plot_profile(the_plan, 1).axes[0]
+    target = next(line for line in ax.get_lines() if line.get_label().startswith("target: half-life"))
+    t, y = np.asarray(target.get_xdata()), np.asarray(target.get_ydata())
+    # The density x step: exact weights per unit step, 0 before the start, 2**(-age/150) shape after it.
+    weights = HalfLife(150.0, start=500).weights(np.arange(1.0, STEPS + 1), STEPS)
+    inside = (t > 600) & (t <= STEPS)
+    np.testing.assert_allclose(y[inside], weights[np.ceil(t[inside]).astype(int)] * STEPS, rtol=1e-12)
+    assert np.all(y[(t > 0) & (t <= 499)] == 0)
+    assert "half-life:half_life=150,start=500" in ax.get_title()
