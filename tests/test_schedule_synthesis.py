@@ -247,3 +247,23 @@ def test_the_profile_plot_draws_a_classic_target(run) -> None:  # type: ignore[n
     np.testing.assert_allclose(y[inside], weights[np.ceil(t[inside]).astype(int)] * STEPS, rtol=1e-12)
     assert np.all(y[(t > 0) & (t <= 499)] == 0)
     assert "half-life:half_life=150,start=500" in ax.get_title()
+
+
+def test_an_in_process_sweep_takes_schedules(run) -> None:  # type: ignore[no-untyped-def]
+    from posthoc_ema.sweeps import sweep
+
+    folder, _ = run
+    targets = [Constant(0.99, start=1000), 0.1, Constant(0.99), HalfLife(150.0)]
+    expected = synthesize_many(folder, targets)
+    seen: list[float] = []
+
+    def evaluate(state_dict: dict[str, torch.Tensor]) -> float:
+        seen.append(float(state_dict["w"].sum()))
+        return float(state_dict["w"].mean())
+
+    result = sweep(folder, targets, evaluate)
+    assert [r.target for r in result.rows] == [None, "constant:beta=0.99", "constant:beta=0.99,start=1000",
+                                               "half-life:half_life=150"]  # fmt: skip
+    for row, key in zip(result.rows, [0.1, Constant(0.99), Constant(0.99, start=1000), HalfLife(150.0)], strict=True):
+        assert row.metrics["metric"] == pytest.approx(float(expected[key]["w"].mean()), rel=1e-6)
+    assert len(seen) == 4
