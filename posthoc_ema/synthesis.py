@@ -201,7 +201,8 @@ class Plan:
 
         A classic target's file records ``schedule`` (its spec,
         :func:`~posthoc_ema.schedules.schedule_spec`), ``schedule_repr``,
-        ``update_every`` and ``initial_weight``; its ``sigma_rel`` is the
+        ``update_every``, and ``initial_weight`` with ``copy_step`` (the weight and
+        step of the copy it started from, :attr:`initial_weights`); its ``sigma_rel`` is the
         equivalent sigma_rel (``nan`` when none) and its ``gamma`` is ``nan``.
         """
         extra: dict[str, str] = {}
@@ -212,6 +213,7 @@ class Plan:
                 "schedule_repr": repr(target),
                 "update_every": str(self.update_every),
                 "initial_weight": repr(float(self.initial_weights[index])) if self.initial_weights is not None else "",
+                "copy_step": repr(float(self.copy_steps[index])) if self.copy_steps is not None else "",
             }
         return extra | {
             "format": SYNTHESIZED_FORMAT,

@@ -197,6 +197,7 @@ def test_output_files_record_the_schedule(run, tmp_path: Path) -> None:  # type:
     assert meta["schedule"] == "warmup:power=0.75,max_beta=0.999"
     assert schedules.parse_schedule(meta["schedule"]) == Warmup(power=0.75, max_beta=0.999)
     assert meta["update_every"] == "1"
+    assert float(meta["copy_step"]) == 1.0 and float(meta["initial_weight"]) < 1e-6  # warm-up copies at step 1
     assert float(meta["sigma_rel"]) == the_plan.sigma_rels[1]
     with safe_open(str(tmp_path / "power.safetensors"), framework="pt") as f:
         power_meta = f.metadata()
