@@ -11,6 +11,8 @@ Example:
         $ posthoc-ema synthesize ckpts --sigma-rel 0.15 -o ema.safetensors
         $ posthoc-ema synthesize ckpts --sigma-rel 0.05:0.25:0.01 -o emas/ --dry-run
         $ posthoc-ema sweep ckpts --sigma-rel 0.02:0.25:0.01 --eval "python eval.py {weights}" -o sweep/
+        $ posthoc-ema synthesize ckpts --beta 0.9999 --half-life 2000 -o classic/
+        $ posthoc-ema sweep ckpts --beta 0.998,0.999,0.9995 --ema-start 0,8000,12000 --eval "python eval.py {weights}"
         $ posthoc-ema plot ckpts --sigma-rel 0.15 -o profile.png
 """
 
@@ -32,15 +34,17 @@ import numpy as np
 import typer
 
 from posthoc_ema._version import __version__
-from posthoc_ema.commands import command_sweep
+from posthoc_ema.commands import command_sweep, target_weights_name
 from posthoc_ema.folders import describe
 from posthoc_ema.plots import plot_error_curve, plot_profile, plot_sweep
 from posthoc_ema.results import RESULTS_CSV, RESULTS_JSON, SweepRow
 from posthoc_ema.retention import apply_retention, estimate, plan_retention, sigma_rel_grid
+from posthoc_ema.schedules import Constant, HalfLife, Schedule, parse_schedule
 from posthoc_ema.sharded import parse_size, synthesize_sharded
 from posthoc_ema.snapshots import SUFFIX
 from posthoc_ema.synthesis import (
     ERROR_WARNING_THRESHOLD,
+    INITIAL_WEIGHT_THRESHOLD,
     Plan,
     PoorReconstructionWarning,
     format_error,
@@ -49,7 +53,7 @@ from posthoc_ema.synthesis import (
     save,
 )
 
-__all__ = ["app", "main", "parse_sigma_rels"]
+__all__ = ["app", "classic_targets", "main", "parse_sigma_rels"]
 
 app = typer.Typer(
     name="posthoc-ema",
@@ -129,6 +133,54 @@ def _sigma_rels_option(values: list[str] | None) -> list[float]:
         return parse_sigma_rels(values or [])
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+
+
+def _numbers(values: Iterable[str], option: str) -> list[float]:
+    """The numbers of a repeatable option whose values may also be comma-separated lists."""
+    out: list[float] = []
+    for text in values:
+        for part in text.split(","):
+            try:
+                value = float(part)
+            except ValueError:
+                raise ValueError(f"{option} {text!r}: {part.strip()!r} is not a number") from None
+            if not math.isfinite(value):
+                raise ValueError(f"{option} {text!r}: {part.strip()!r} is not a finite number")
+            out.append(value)
+    return list(dict.fromkeys(out))
+
+
+def classic_targets(
+    *,
+    betas: Iterable[str] = (),
+    half_lives: Iterable[str] = (),
+    starts: Iterable[str] = (),
+    specs: Iterable[str] = (),
+) -> list[Schedule]:
+    """Classic-EMA targets from ``--beta``, ``--half-life``, ``--ema-start`` and ``--schedule`` values.
+
+    ``--beta`` and ``--half-life`` take numbers or comma-separated lists; with
+    ``--ema-start`` (also a list) every decay and half-life is taken at every
+    start (a grid, decays first). ``--schedule`` takes specs
+    (:func:`~posthoc_ema.schedules.parse_schedule`). Repeated targets are kept once.
+
+    Raises:
+        ValueError: in one line, for a value that is not a number, a bad spec, a
+            decay or half-life out of range, or ``--ema-start`` without ``--beta``/``--half-life``.
+
+    Example:
+        >>> classic_targets(betas=["0.99,0.999"], starts=["0,100"])[1]
+        Constant(beta=0.99, start=100)
+    """
+    beta_values = _numbers(betas, "--beta")
+    half_life_values = _numbers(half_lives, "--half-life")
+    start_values = _numbers(starts, "--ema-start") or [0.0]
+    if list(starts) and not (beta_values or half_life_values):
+        raise ValueError("--ema-start applies to --beta and --half-life targets; give one of them too")
+    out: list[Schedule] = [Constant(b, start=s) for b in beta_values for s in start_values]
+    out += [HalfLife(h, start=s) for h in half_life_values for s in start_values]
+    out += [parse_schedule(spec) for spec in specs]
+    return list(dict.fromkeys(out))
 
 
 def _one_line(err: BaseException) -> str:
@@ -229,27 +281,47 @@ def _print_report(the_plan: Plan) -> None:
         f"reconstructing step {the_plan.step} from {len(the_plan.snapshots)} snapshots "
         f"(steps {steps[0]}..{steps[-1]}, sigma_rels {tracked})"
     )
+    n = len(the_plan.sigma_rels)
+    classic = any(the_plan.is_classic(j) for j in range(n))
+    if classic:
+        every = f"every {the_plan.update_every} steps" if the_plan.update_every > 1 else "every step"
+        typer.echo(f"classic EMAs update {every} and start as a copy of the weights at step 0")
     rows = []
     for j, sigma_rel in enumerate(the_plan.sigma_rels):
         err = float(the_plan.errors[j])
         notes = []
+        initial = 0.0 if the_plan.initial_weights is None else float(the_plan.initial_weights[j])
+        if initial > INITIAL_WEIGHT_THRESHOLD:
+            at = 0.0 if the_plan.copy_steps is None else float(the_plan.copy_steps[j])
+            copy = "initial copy" if at == 0 else f"copy at step {at:g}"
+            notes.append(f"CANNOT BE REPRESENTED: its {copy} weighs {initial:.1%}")
         if the_plan.outside[j]:
             notes.append("outside the tracked range")
         if err > ERROR_WARNING_THRESHOLD:
             notes.append("POOR")
         gamma, norm = float(the_plan.gammas[j]), float(the_plan.coefficient_norms[j])
         rounding = format_error(float(the_plan.rounding_errors[j]))
-        rows.append([_fmt(sigma_rel), f"{gamma:.4g}", format_error(err), rounding, f"{norm:.4g}", ", ".join(notes)])
+        if the_plan.is_classic(j):  # its sigma_rel is the equivalent width
+            width = "-" if math.isnan(sigma_rel) else f"~{sigma_rel:.4g}"
+            cells = [width, "-"]
+        else:
+            cells = [_fmt(sigma_rel), f"{gamma:.4g}"]
+        row = [*cells, format_error(err), rounding, f"{norm:.4g}", ", ".join(notes)]
+        rows.append([the_plan.labels[j], *row] if classic else row)
     stored = "/".join(the_plan.storage_dtypes) or "no floating"
     header = ["sigma_rel", "gamma", "predicted error", f"{stored} rounding", "coef norm", ""]
-    for line in _table(header, rows, "lrrrrl"):
+    if classic:
+        header, align = ["target", *header], "llrrrrl"
+    else:
+        align = "lrrrrl"
+    for line in _table(header, rows, align):
         typer.echo(line)
 
 
 def _print_coefficients(the_plan: Plan) -> None:
     typer.echo("")
     typer.echo("coefficients (a column per target, summing to 1; a row per snapshot):")
-    header = ["step", "sigma_rel", *(_fmt(s) for s in the_plan.sigma_rels)]
+    header = ["step", "sigma_rel", *(_label(the_plan, j) for j in range(len(the_plan.sigma_rels)))]
     body = (
         [str(snap.step), _fmt(snap.sigma_rel), *(f"{c:.6f}".replace("-0.000000", "0.000000") for c in row)]
         for snap, row in zip(the_plan.snapshots, the_plan.coefficients, strict=True)
@@ -258,13 +330,18 @@ def _print_coefficients(the_plan: Plan) -> None:
         typer.echo(line)
 
 
+def _label(the_plan: Plan, index: int) -> str:
+    """A target as people read it: its sigma_rel, or its schedule's spec."""
+    return the_plan.labels[index] if the_plan.is_classic(index) else _fmt(the_plan.sigma_rels[index])
+
+
 def _default_name(sigma_rel: float, step: int) -> str:
     return f"ema-{float(sigma_rel)!r}-{int(step)}{SUFFIX}"
 
 
 def _output_paths(output: str | None, the_plan: Plan) -> list[Path]:
     """Where ``synthesize`` writes: ``-o`` names a file for one target, unless it is a folder or ends with ``/``."""
-    names = [_default_name(s, the_plan.step) for s in the_plan.sigma_rels]
+    names = [target_weights_name(the_plan, j) for j in range(len(the_plan.sigma_rels))]
     as_folder = output is not None and (output.endswith(("/", os.sep)) or Path(output).is_dir())
     if len(names) == 1 and not as_folder:
         return [Path(output) if output is not None else Path(names[0])]
@@ -315,11 +392,11 @@ def _check_device(device: Device) -> None:
             raise ValueError("--device cuda: no CUDA device is available to PyTorch")
 
 
-def _checked_plan(ckpt_dir: Path, targets: float | Sequence[float], step: int | None) -> Plan:
+def _checked_plan(ckpt_dir: Path, targets: float | Sequence[float | Schedule], step: int | None) -> Plan:
     """:func:`plan`, refusing targets too narrow to compute in float64 (NumPy's warnings kept inside)."""
     with np.errstate(all="ignore"):
         the_plan = plan(ckpt_dir, targets, step=step)
-    bad = [j for j, e in enumerate(the_plan.errors) if not math.isfinite(float(e))]
+    bad = [j for j, e in enumerate(the_plan.errors) if not math.isfinite(float(e)) and not the_plan.is_classic(j)]
     if bad:
         sigma_rel, gamma = float(the_plan.sigma_rels[bad[0]]), float(the_plan.gammas[bad[0]])
         raise ValueError(
@@ -372,7 +449,7 @@ Step = Annotated[
     ),
 ]
 SigmaRels = Annotated[
-    list[str],
+    list[str] | None,
     typer.Option(
         "--sigma-rel",
         "-s",
@@ -382,6 +459,72 @@ SigmaRels = Annotated[
         show_default=False,
     ),
 ]
+Betas = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--beta",
+        metavar="BETA",
+        help="Target: a classic EMA of constant decay BETA (timm's ModelEmaV2); repeat it or give a list "
+        "0.998,0.999,0.9995.",
+        show_default=False,
+    ),
+]
+HalfLives = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--half-life",
+        metavar="STEPS",
+        help="Target: a classic EMA of this half-life in steps (Composer's EMA); repeat it or give a list.",
+        show_default=False,
+    ),
+]
+EmaStarts = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--ema-start",
+        metavar="STEP",
+        help="Start the --beta and --half-life EMAs as a copy of the weights at these steps (a list: "
+        "every decay at every start). Default: 0, when tracking began.",
+        show_default=False,
+    ),
+]
+Specs = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--schedule",
+        metavar="SPEC",
+        help="Target: any classic EMA, e.g. 'warmup:inv_gamma=1,power=0.75,max_beta=0.9999' (kinds constant, "
+        "half-life, warmup, threshold, exp-warmup, power).",
+        show_default=False,
+    ),
+]
+
+
+# typer's own click (it vendors one): its UsageError is what exits with 2. BadParameter's parent.
+_UsageError: type[Exception] = typer.BadParameter.__mro__[1]
+
+
+def _all_targets(
+    sigma_rels: list[float] | None,
+    betas: list[str] | None,
+    half_lives: list[str] | None,
+    starts: list[str] | None,
+    specs: list[str] | None,
+) -> list[float | Schedule]:
+    """Every target of the command line, sigma_rels first; a usage error (exit 2) when bad or none."""
+    try:
+        classic = classic_targets(
+            betas=betas or [], half_lives=half_lives or [], starts=starts or [], specs=specs or []
+        )
+    except ValueError as err:
+        raise _UsageError(_one_line(err)) from None
+    targets: list[float | Schedule] = [*(sigma_rels or []), *classic]
+    if not targets:
+        raise _UsageError(
+            "Missing option '--sigma-rel' / '-s': give at least one target with --sigma-rel, --beta, --half-life "
+            "or --schedule"
+        )
+    return targets
 
 
 def _version(value: bool) -> None:
@@ -402,7 +545,11 @@ def _root(
 @app.command(short_help="Write the EMA of each target sigma_rel.")
 def synthesize(
     ckpt_dir: CkptDir,
-    sigma_rel: SigmaRels,
+    sigma_rel: SigmaRels = None,
+    beta: Betas = None,
+    half_life: HalfLives = None,
+    ema_start: EmaStarts = None,
+    schedule: Specs = None,
     output: Annotated[
         str | None,
         typer.Option(
@@ -410,7 +557,7 @@ def synthesize(
             "-o",
             metavar="PATH",
             help="Output file (one target), or folder (several targets, or a path ending in /). "
-            "Default: ema-SIGMA-STEP.safetensors, here.",
+            "Default: ema-SIGMA-STEP.safetensors (ema-SPEC-STEP for a classic EMA), here.",
             show_default=False,
         ),
     ] = None,
@@ -432,14 +579,16 @@ def synthesize(
         ),
     ] = None,
 ) -> None:
-    """Synthesize the EMA of each target sigma_rel and write it as a safetensors file.
+    """Synthesize the EMA of each target (a sigma_rel or a classic EMA) and write it as a safetensors file.
 
-    The quality report (predicted error of each reconstructed profile, ...) is
+    Targets mix freely in one pass: --sigma-rel, --beta (constant decay),
+    --half-life and --schedule (any classic EMA), --ema-start making a grid of
+    the decays and half-lives. The quality report (predicted error of each reconstructed profile, ...) is
     always printed; a warning line marks targets the snapshots reproduce poorly.
     Existing files are not replaced unless --force is given, and nothing is
     written into the snapshot folder.
     """
-    targets: list[float] = sigma_rel  # type: ignore[assignment]  # converted by the callback
+    targets = _all_targets(sigma_rel, beta, half_life, ema_start, schedule)  # type: ignore[arg-type]
     if len(targets) > 1 and output is not None and Path(output).exists() and not Path(output).is_dir():
         raise typer.BadParameter(
             f"{output} is a file; with {len(targets)} targets -o must be a folder (one file per target)",
@@ -469,10 +618,10 @@ def synthesize(
         with _progress_bar("synthesizing") as progress:
             state_dicts = run(the_plan, device=device.value, dtype=dtype.value, progress=progress)
         with _folders_made() as make:
-            for index, (target, path) in enumerate(zip(the_plan.sigma_rels, paths, strict=True)):
+            for index, path in enumerate(paths):
                 make(path.parent)
                 try:
-                    save(path, state_dicts[target], the_plan, index, overwrite=force)
+                    save(path, state_dicts[the_plan.key(index)], the_plan, index, overwrite=force)
                 except OSError as err:  # name the file asked for, not its temporary name
                     raise OSError(err.errno, err.strerror or str(err), str(path)) from None
                 typer.echo(f"wrote {path}")
@@ -539,14 +688,24 @@ def _range_option(value: str | None) -> list[float] | None:
     return None if value is None else _sigma_rels_option([value])
 
 
+def _row_label(row: SweepRow) -> str:
+    return row.target if row.target is not None else f"sigma_rel={_fmt(row.sigma_rel)}"
+
+
+def _failed_labels(rows: Sequence[SweepRow]) -> str:
+    if all(r.target is None for r in rows):
+        return "sigma_rel " + ", ".join(_fmt(r.sigma_rel) for r in rows)
+    return ", ".join(_row_label(r) for r in rows)
+
+
 def _print_row(row: SweepRow) -> None:
     """One line per evaluated target as the sweep goes; a failure on stderr with the command's stderr."""
     if row.ok:
         values = "  ".join(f"{name}={value:.6g}" for name, value in row.metrics.items())
-        typer.echo(f"sigma_rel={_fmt(row.sigma_rel)}  {values}  (predicted error {format_error(row.predicted_error)})")
+        typer.echo(f"{_row_label(row)}  {values}  (predicted error {format_error(row.predicted_error)})")
         return
     first, *rest = (row.failure or "failed").splitlines()
-    typer.secho(f"failed: sigma_rel={_fmt(row.sigma_rel)}: {first}", fg="red", err=True)
+    typer.secho(f"failed: {_row_label(row)}: {first}", fg="red", err=True)
     for line in rest:
         typer.echo(f"    {line}", err=True)
 
@@ -564,7 +723,6 @@ def _plot_or_say(draw: Any, *args: Any) -> bool:
 @app.command("sweep", short_help="Evaluate many targets with a command; keep the best.")
 def sweep_command(
     ckpt_dir: CkptDir,
-    sigma_rel: SigmaRels,
     eval_command: Annotated[
         str,
         typer.Option(
@@ -610,14 +768,23 @@ def sweep_command(
         typer.Option("--keep-weights/--delete-weights", help="Keep each synthesized file after its evaluation."),
     ] = True,
     device: Annotated[Device, typer.Option(help="Where to accumulate.")] = Device.cpu,
+    sigma_rel: SigmaRels = None,
+    beta: Betas = None,
+    half_life: HalfLives = None,
+    ema_start: EmaStarts = None,
+    schedule: Specs = None,
 ) -> None:
     """Synthesize each target, evaluate it with a command, and tabulate the results.
+
+    Targets are as for synthesize: --sigma-rel, --beta, --half-life, --schedule,
+    and --ema-start for a grid (--beta 0.998,0.999 --ema-start 0,8000 sweeps
+    decay x start in one pass; the plot draws one curve per start).
 
     Results are saved after every target, so an interrupted sweep loses nothing;
     a failed evaluation is reported with its stderr and retried on the next run.
     Exits with 1 if any evaluation failed.
     """
-    targets: list[float] = sigma_rel  # type: ignore[assignment]  # converted by the callback
+    targets = _all_targets(sigma_rel, beta, half_life, ema_start, schedule)  # type: ignore[arg-type]
     with _library_errors(), _shown_warnings():
         _check_device(device)
         with warnings.catch_warnings():  # command_sweep plans again, and warns then
@@ -646,9 +813,7 @@ def sweep_command(
     if ranked:
         best = result.best
         direction = "highest" if maximize else "lowest"
-        typer.echo(
-            f"best: sigma_rel={_fmt(best.sigma_rel)} ({direction} {result.metric}={best.metrics[result.metric]:.6g})"
-        )
+        typer.echo(f"best: {_row_label(best)} ({direction} {result.metric}={best.metrics[result.metric]:.6g})")
         with _library_errors():
             if _plot_or_say(plot_sweep, result, output / "sweep.png"):
                 typer.echo(f"wrote {output / 'sweep.png'}")
@@ -656,7 +821,7 @@ def sweep_command(
     if failed:
         typer.secho(
             f"error: {len(failed)} of {len(result.rows)} evaluations failed "
-            f"(sigma_rel {', '.join(_fmt(r.sigma_rel) for r in failed)}); run the same command again to retry them",
+            f"({_failed_labels(failed)}); run the same command again to retry them",
             fg="red",
             err=True,
         )

@@ -27,7 +27,8 @@ import torch
 
 from posthoc_ema.dtypes import parse_dtype
 from posthoc_ema.errors import EvaluationError
-from posthoc_ema.results import DEFAULT_METRIC, RESULTS_CSV, RESULTS_JSON, SweepResult, SweepRow
+from posthoc_ema.results import DEFAULT_METRIC, RESULTS_CSV, RESULTS_JSON, SweepResult, SweepRow, row_order
+from posthoc_ema.schedules import Schedule
 from posthoc_ema.synthesis import Plan, StateDict, plan, save, target_key
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "command_sweep",
     "parse_metric_line",
     "run_command",
+    "target_weights_name",
     "weights_name",
 ]
 
@@ -212,6 +214,22 @@ def weights_name(sigma_rel: float, step: int) -> str:
     return f"ema-{float(sigma_rel)!r}-{int(step)}.safetensors"
 
 
+def target_weights_name(the_plan: Plan, index: int) -> str:
+    """File name of target ``index`` of a plan: :func:`weights_name` for a sigma_rel.
+
+    For a classic schedule, its spec with ``:`` and ``,`` made ``-`` and ``_``:
+    ``ema-constant-beta=0.999_start=8000-20000.safetensors``.
+    """
+    if not the_plan.is_classic(index):
+        return weights_name(the_plan.sigma_rels[index], the_plan.step)
+    spec = the_plan.labels[index].replace(":", "-").replace(",", "_")
+    return f"ema-{spec}-{int(the_plan.step)}.safetensors"
+
+
+def _row_key(row: SweepRow) -> str:
+    return row.target if row.target is not None else target_key(row.sigma_rel)
+
+
 def _fingerprint(
     the_plan: Plan, snapshot_dir: str | os.PathLike[str], command: str, metric: str | None
 ) -> dict[str, Any]:
@@ -285,7 +303,7 @@ def _removed_if_left_empty(folder: Path) -> Iterator[None]:
 
 def command_sweep(
     snapshot_dir: str | os.PathLike[str],
-    sigma_rels: float | Iterable[float],
+    sigma_rels: float | Schedule | Iterable[float | Schedule],
     command: str,
     out_dir: str | os.PathLike[str],
     *,
@@ -299,7 +317,7 @@ def command_sweep(
     memory_budget: int | None = None,
     batch_size: int | None = None,
     on_row: Callable[[SweepRow], None] | None = None,
-    on_skip: Callable[[list[float]], None] | None = None,
+    on_skip: Callable[[list[str]], None] | None = None,
 ) -> SweepResult:
     """A :func:`~posthoc_ema.sweeps.sweep` whose evaluation is an external command, resumable.
 
@@ -321,7 +339,8 @@ def command_sweep(
             It must not be the snapshot folder.
         timeout: seconds each evaluation may take.
         keep_weights: keep each synthesized file after its evaluation.
-        on_skip: called, before anything runs, with the targets already done.
+        on_skip: called, before anything runs, with the labels of the targets already done
+            (:attr:`~posthoc_ema.synthesis.Plan.labels`).
 
     Returns:
         A :class:`~posthoc_ema.results.SweepResult` with the rows of this run and of earlier runs in ``out_dir``.
@@ -352,24 +371,26 @@ def command_sweep(
     targets = the_plan.sigma_rels
     fingerprint = _fingerprint(the_plan, snapshot_dir, command, metric)
     previous_result = _earlier_result(out / RESULTS_JSON, the_plan.step, fingerprint)
-    earlier = {} if previous_result is None else {target_key(r.sigma_rel): r for r in previous_result.rows}
+    earlier = {} if previous_result is None else {_row_key(r): r for r in previous_result.rows}
     done = {k for k, r in earlier.items() if r.ok}
-    todo = [i for i, s in enumerate(the_plan.sigma_rels) if target_key(s) not in done]
+    labels = the_plan.labels
+    todo = [i for i, label in enumerate(labels) if label not in done]
     if len(todo) < len(targets):
-        skipped = [s for s in the_plan.sigma_rels if target_key(s) in done]
+        skipped = [label for label in labels if label in done]
         log.info("%s: %d of %d targets already evaluated; skipping them", out, len(skipped), len(targets))
         if on_skip is not None:
             on_skip(skipped)
     rows = dict(earlier)
     # The ranking metric: the one asked for, else the one of the earlier run, else the first one returned.
     previous = previous_result.metric if previous_result is not None and earlier and metric is None else None
-    paths = {i: out / weights_name(the_plan.sigma_rels[i], the_plan.step) for i in todo}
+    paths = {i: out / target_weights_name(the_plan, i) for i in todo}
+    path_of = {labels[i]: paths[i] for i in todo}
 
     # Cleared when an evaluation lacks the metric asked for: its row is saved as if none was asked for.
     asked = metric
 
     def result() -> SweepResult:
-        ordered = tuple(sorted(rows.values(), key=lambda r: r.sigma_rel))
+        ordered = tuple(sorted(rows.values(), key=row_order))
         first = next((r for r in ordered if r.metrics), None)
         return SweepResult(
             rows=ordered,
@@ -396,9 +417,9 @@ def command_sweep(
         nonlocal asked
         if asked is not None and row.metrics and asked not in row.metrics:
             asked = None  # the sweep stops after this row; a resume may then name a metric it has
-        path = out / weights_name(row.sigma_rel, the_plan.step)
+        path = path_of[_row_key(row)]
         row = replace(row, weights=str(path) if keep_weights else None)
-        rows[target_key(row.sigma_rel)] = row
+        rows[_row_key(row)] = row
         current = result()
         current.to_json(out / RESULTS_JSON)
         current.to_csv(out / RESULTS_CSV)

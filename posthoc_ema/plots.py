@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from posthoc_ema import profiles
+from posthoc_ema.results import grid_axes
 from posthoc_ema.synthesis import ERROR_WARNING_THRESHOLD, Plan, PoorReconstructionWarning, plan
 
 if TYPE_CHECKING:
@@ -69,7 +71,8 @@ def plot_profile(
     """The target profile of one planned EMA, its reconstruction, and the weighted snapshots.
 
     Draws, against the training step, the power-function profile of target
-    ``index`` (EDM2 eq. 121), the reconstruction ``sum_i c_i f_i(t)`` from the
+    ``index`` (EDM2 eq. 121; for a classic schedule, its piecewise-constant
+    profile over its update steps), the reconstruction ``sum_i c_i f_i(t)`` from the
     plan's snapshots, and each weighted snapshot profile ``c_i f_i(t)`` as a thin
     line coloured by its sigma_rel (cf. EDM2 Fig. 5). Densities are scaled by the
     plan's step so that 1 is the uniform average over the run.
@@ -122,9 +125,16 @@ def plot_profile(
                 alpha=0.55,
                 label=f"{len(rows)} weighted snapshots of sigma_rel={s:.3g}" if j == 0 else None,
             )
-    target = profiles.power_profile(t, out_step, gamma) * out_step
     recon = (coef[:, None] * profiles.power_profile(t, steps[:, None], gammas[:, None])).sum(axis=0) * out_step
-    ax.plot(t, target, color="black", linewidth=2.4, label=f"target: sigma_rel={sigma_rel:.3g} (gamma={gamma:.3g})")
+    if the_plan.is_classic(index):
+        target = _classic_density(the_plan, index, t) * out_step
+        name = the_plan.labels[index]
+        target_label = f"target: {name}" + ("" if np.isnan(sigma_rel) else f" (~sigma_rel {sigma_rel:.3g})")
+    else:
+        target = profiles.power_profile(t, out_step, gamma) * out_step
+        name = f"sigma_rel={sigma_rel:.3g}"
+        target_label = f"target: sigma_rel={sigma_rel:.3g} (gamma={gamma:.3g})"
+    ax.plot(t, target, color="black", linewidth=2.4, label=target_label)
     ax.plot(t, recon, color="C1", linewidth=1.6, linestyle="--", label="reconstruction from the snapshots")
     ax.axhline(0, color="0.5", linewidth=0.6)
     ax.set_xlim(0, out_step)
@@ -142,13 +152,24 @@ def plot_profile(
     ax.set_ylabel("weight density (1 = uniform over the run)")
     where = " (outside the tracked range)" if the_plan.outside[index] else ""
     ax.set_title(
-        f"EMA profile sigma_rel={sigma_rel:.3g} at step {the_plan.step}{where}\n"
+        f"EMA profile {name} at step {the_plan.step}{where}\n"
         f"from {len(steps)} snapshots; predicted error {the_plan.errors[index]:.2%}",
         fontsize="medium",
     )
     ax.legend(loc="upper left", fontsize="small", framealpha=0.85)
     ax.grid(alpha=0.3)
     return _finish(fig, path)
+
+
+def _classic_density(the_plan: Plan, index: int, t: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """A classic target's piecewise-constant profile at times ``t`` (its initial copy counted on the first update)."""
+    update_steps = the_plan.update_steps()
+    grid = np.arange(1.0, the_plan.step + 1) if update_steps is None else update_steps
+    weights = the_plan.targets[index].weights(grid, float(the_plan.step))
+    weights[1] += weights[0]
+    density = weights[1:] / np.diff(np.concatenate([[0.0], grid]))
+    slot = np.clip(np.searchsorted(grid, t, side="left"), 0, grid.size - 1)
+    return np.where(t > 0, density[slot], 0.0)
 
 
 def plot_error_curve(
@@ -266,7 +287,11 @@ def plot_sweep(
 ) -> Figure:
     """A sweep's metric against sigma_rel, the best point and the tracked sigma_rels marked.
 
-    Targets whose predicted reconstruction error exceeds
+    Power-function targets are drawn against sigma_rel. Constant-decay and
+    half-life targets (``--beta``, ``--half-life``) get a panel each, with one
+    curve per EMA start against the decay (or half-life), so a decay x start
+    grid shows both axes. Other classic targets are drawn as diamonds on the
+    sigma_rel panel at their equivalent sigma_rel. Targets whose predicted reconstruction error exceeds
     :data:`~posthoc_ema.synthesis.ERROR_WARNING_THRESHOLD` are drawn hollow (their
     weights average the run differently from their label); failed evaluations are
     marked with a cross on the x axis.
@@ -289,14 +314,97 @@ def plot_sweep(
         >>> plot_sweep(sweep("ckpts", grid, evaluate), "sweep.png")  # doctest: +SKIP
     """
     name = result.metric if metric is None else metric
-    x = np.array(result.sigma_rels)
-    y = result.values(name)
-    ok = np.isfinite(y)
-    if not ok.any():
+    values = result.values(name)
+    if not np.isfinite(values).any():
         raise ValueError(f"no row of the sweep has a finite value of metric {name!r}")
-    fig = _figure(figsize, dpi)
-    ax = fig.add_subplot()
-    poor = np.array([r.predicted_error > ERROR_WARNING_THRESHOLD for r in result.rows])
+    grids: dict[str, list[int]] = {}
+    for i, r in enumerate(result.rows):
+        axes = grid_axes(r)
+        if axes is not None:
+            grids.setdefault(axes[0], []).append(i)
+    power = [i for i, r in enumerate(result.rows) if r.target is None]
+    others = [i for i, r in enumerate(result.rows) if r.target is not None and grid_axes(r) is None]
+    panels = int(bool(power or others)) + len(grids)
+    fig = _figure((figsize[0] * (1 + 0.7 * (panels - 1)), figsize[1]), dpi)
+    best = result.best if name == result.metric else None
+    direction = "higher is better" if result.maximize else "lower is better"
+    ylabel = f"{name} ({direction})" if name == result.metric else name
+    n_panel = 0
+    if power or others:
+        n_panel += 1
+        ax = fig.add_subplot(1, panels, n_panel)
+        _sigma_rel_panel(ax, result, power, others, name, best)
+        ax.set_ylabel(ylabel)
+    for kind, index in grids.items():
+        n_panel += 1
+        ax = fig.add_subplot(1, panels, n_panel, sharey=fig.axes[0] if fig.axes else None)
+        _grid_panel(ax, result, kind, index, name, best)
+        if n_panel == 1:
+            ax.set_ylabel(ylabel)
+    title = f"Post-hoc EMA sweep at step {result.step} ({len(result.rows)} targets)"
+    if panels == 1:
+        fig.axes[0].set_title(title, fontsize="medium")
+    else:
+        fig.suptitle(title, fontsize="medium")
+    return _finish(fig, path)
+
+
+def _nines(beta: Any) -> Any:
+    return -np.log10(np.clip(1.0 - np.asarray(beta, dtype=np.float64), 1e-15, None))
+
+
+def _from_nines(nines: Any) -> Any:
+    return 1.0 - 10.0 ** -np.asarray(nines, dtype=np.float64)
+
+
+def _grid_panel(ax: Any, result: SweepResult, kind: str, index: list[int], name: str, best: Any) -> None:
+    """One curve per EMA start, the metric against the decay (or half-life)."""
+    rows = [result.rows[i] for i in index]
+    axes = [grid_axes(r) for r in rows]
+    starts = sorted({a[2] for a in axes if a is not None})
+    for k, start in enumerate(starts):
+        pts = sorted(
+            (a[1], r.metrics.get(name, np.nan), r) for a, r in zip(axes, rows, strict=True) if a and a[2] == start
+        )
+        x = np.array([p[0] for p in pts])
+        y = np.array([p[1] for p in pts], dtype=np.float64)
+        poor = np.array([p[2].predicted_error > ERROR_WARNING_THRESHOLD for p in pts])
+        color = f"C{k % 10}"
+        ax.plot(x, y, color=color, linewidth=1.2, marker="o", markersize=4, label=f"EMA start {start:g}")
+        if (np.isfinite(y) & poor).any():
+            ax.scatter(x[poor], y[poor], facecolors="white", edgecolors=color, s=30, zorder=3)
+        for p in pts:
+            if p[2] is best:
+                ax.scatter(
+                    [p[0]],
+                    [p[1]],
+                    marker="*",
+                    s=220,
+                    color="C1",
+                    edgecolors="black",
+                    zorder=4,
+                    label=f"best: {best.target}, {name}={p[1]:.4g}",
+                )
+    if kind == "constant":
+        ax.set_xlabel("decay beta (hollow: predicted error > 5%)")
+        if all(a is not None and a[1] > 0.9 for a in axes):
+            # Decays near 1 spread out as -log10(1 - beta): 0.999 and 0.9999 one unit apart.
+            ax.set_xscale("function", functions=(_nines, _from_nines))
+    else:
+        ax.set_xlabel("half-life in steps (hollow: predicted error > 5%)")
+        ax.set_xscale("log")
+    ax.set_title(f"{kind} EMAs: one curve per start", fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small", framealpha=0.9)
+
+
+def _sigma_rel_panel(ax: Any, result: SweepResult, power: list[int], others: list[int], name: str, best: Any) -> None:
+    """The power-function targets against sigma_rel (the classic figure); other classic targets as diamonds."""
+    rows = [result.rows[i] for i in power]
+    x = np.array([r.sigma_rel for r in rows], dtype=np.float64)
+    y = np.array([r.metrics.get(name, np.nan) for r in rows], dtype=np.float64)
+    ok = np.isfinite(y)
+    poor = np.array([r.predicted_error > ERROR_WARNING_THRESHOLD for r in rows], dtype=bool)
     ax.plot(x, y, color="C0", linewidth=1.2, zorder=2)  # NaN (failed, missing) breaks the line
     good = ok & ~poor
     ax.scatter(x[good], y[good], color="C0", s=22, zorder=3, label=name)
@@ -314,7 +422,7 @@ def plot_sweep(
         ax.axvline(
             s, color="0.3", linestyle=":", linewidth=1.2, zorder=1, label="tracked sigma_rels" if k == 0 else None
         )
-    failed = np.array([not r.ok for r in result.rows])
+    failed = np.array([not r.ok for r in rows], dtype=bool)
     if failed.any():
         # At the foot of the axes, in axes coordinates: a failure has no value to draw.
         ax.scatter(
@@ -327,8 +435,15 @@ def plot_sweep(
             zorder=3,
             label="evaluation failed",
         )
-    if name == result.metric:
-        best = result.best
+    for i in others:
+        r = result.rows[i]
+        value = r.metrics.get(name, np.nan)
+        if np.isfinite(r.sigma_rel) and np.isfinite(value):
+            ax.scatter([r.sigma_rel], [value], marker="D", s=30, color="C2", zorder=3)
+            ax.annotate(
+                r.target or "", (r.sigma_rel, value), fontsize="x-small", xytext=(4, 4), textcoords="offset points"
+            )
+    if best is not None and best.target is None:
         value = best.metrics[name]
         ax.scatter(
             [best.sigma_rel],
@@ -340,11 +455,7 @@ def plot_sweep(
             zorder=4,
             label=f"best: sigma_rel={best.sigma_rel:.3g}, {name}={value:.4g}",
         )
-    direction = "higher is better" if result.maximize else "lower is better"
     ax.set_xlabel("sigma_rel (EMA width / training length)")
-    ax.set_ylabel(f"{name} ({direction})" if name == result.metric else name)
-    ax.set_title(f"Post-hoc EMA sweep at step {result.step} ({len(result.rows)} targets)", fontsize="medium")
     ax.margins(x=0.03, y=0.12)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small", framealpha=0.9)
-    return _finish(fig, path)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from posthoc_ema.files import atomic_path
+from posthoc_ema.schedules import Constant, HalfLife, parse_schedule
 from posthoc_ema.synthesis import format_error
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "RESULTS_VERSION",
     "SweepResult",
     "SweepRow",
+    "grid_axes",
+    "row_order",
 ]
 
 #: Name of a metric given as a bare number, when no ``metric`` name is chosen.
@@ -49,12 +52,15 @@ class SweepRow:
     """One evaluated target.
 
     Attributes:
-        sigma_rel: the target width.
+        sigma_rel: the target width; for a classic target its equivalent
+            sigma_rel (:attr:`~posthoc_ema.synthesis.Plan.sigma_rels`), NaN when none.
         predicted_error: relative L2 error of its reconstructed profile (:attr:`Plan.errors`).
         outside: whether it lies outside the tracked sigma_rels.
         metrics: what ``evaluate`` returned, by name; empty if the evaluation failed.
         failure: why the evaluation failed, or None.
         weights: path of the synthesized file (:func:`command_sweep`), or None.
+        target: a classic target's spec (:func:`~posthoc_ema.schedules.schedule_spec`,
+            ``"constant:beta=0.999,start=8000"``); None for a power-function target.
     """
 
     sigma_rel: float
@@ -63,11 +69,47 @@ class SweepRow:
     metrics: Mapping[str, float] = field(default_factory=dict)
     failure: str | None = None
     weights: str | None = None
+    target: str | None = None
 
     @property
     def ok(self) -> bool:
         """Whether the evaluation succeeded."""
         return self.failure is None
+
+    @property
+    def label(self) -> str:
+        """The target as text: its spec, or ``sigma_rel=...`` for a power function."""
+        return self.target if self.target is not None else f"sigma_rel={self.sigma_rel:.4g}"
+
+
+def grid_axes(row: SweepRow) -> tuple[str, float, float] | None:
+    """``(kind, x, start)`` of a constant-decay or half-life row (``x`` its decay or half-life), else None.
+
+    These are the two axes of a ``--beta ... --ema-start ...`` grid.
+
+    Example:
+        >>> grid_axes(SweepRow(0.05, 0.01, False, target="constant:beta=0.999,start=8000"))
+        ('constant', 0.999, 8000.0)
+    """
+    if row.target is None:
+        return None
+    sched = parse_schedule(row.target)
+    if isinstance(sched, Constant):
+        return "constant", sched.decay, sched.start
+    if isinstance(sched, HalfLife) and sched.update_interval == 1:
+        return "half-life", sched.half_life, sched.start
+    return None
+
+
+def row_order(row: SweepRow) -> tuple[Any, ...]:
+    """Sort key of rows: power-function targets by sigma_rel, then classic ones by kind, start and decay."""
+    if row.target is None:
+        return (0, row.sigma_rel)
+    axes = grid_axes(row)
+    if axes is None:
+        return (2, row.target.partition(":")[0], 0.0, 0.0, row.target)
+    kind, x, start = axes
+    return (1, kind, start, x, row.target)
 
 
 @dataclass(frozen=True)
@@ -144,7 +186,10 @@ class SweepResult:
             best: SweepRow | None = self.best
         except ValueError:
             best = None
+        classic = any(r.target is not None for r in self.rows)
         header = ["", "sigma_rel", *names, "predicted_error", ""]
+        if classic:
+            header.insert(1, "target")
         lines = []
         for r in self.rows:
             note = []
@@ -152,26 +197,34 @@ class SweepResult:
                 note.append("outside tracked range")
             if r.failure is not None:
                 note.append("FAILED: " + r.failure.splitlines()[0] if r.failure else "FAILED")
-            lines.append(
-                [
-                    "*" if r is best else "",
-                    f"{r.sigma_rel:.4g}",
-                    *(_format_number(r.metrics[n]) if n in r.metrics else "-" for n in names),
-                    format_error(r.predicted_error),
-                    "; ".join(note),
-                ]
-            )
+            width = f"{r.sigma_rel:.4g}"
+            if r.target is not None:
+                width = "-" if math.isnan(r.sigma_rel) else f"~{width}"  # the equivalent sigma_rel
+            line = [
+                "*" if r is best else "",
+                width,
+                *(_format_number(r.metrics[n]) if n in r.metrics else "-" for n in names),
+                format_error(r.predicted_error),
+                "; ".join(note),
+            ]
+            if classic:
+                line.insert(1, r.target or "power")
+            lines.append(line)
         widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
         return "\n".join(
             "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *lines]
         )
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
-        """Write the table as CSV: sigma_rel, each metric, predicted_error, outside, failure, weights."""
+        """Write the table as CSV: sigma_rel, each metric, predicted_error, outside, failure, weights
+        (and target, the spec of a classic target, when there is one)."""
         names = self.metric_names
+        classic = any(r.target is not None for r in self.rows)
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["sigma_rel", *names, "predicted_error", "outside", "failure", "weights"])
+        writer.writerow(
+            ["sigma_rel", *names, "predicted_error", "outside", "failure", "weights"] + ["target"] * classic
+        )
         for r in self.rows:
             writer.writerow(
                 [
@@ -182,6 +235,7 @@ class SweepResult:
                     r.failure or "",
                     r.weights or "",
                 ]
+                + [r.target or ""] * classic
             )
         _write_text(Path(path), buffer.getvalue())
 
@@ -199,13 +253,14 @@ class SweepResult:
             "tracked_sigma_rels": [float(s) for s in self.tracked_sigma_rels],
             "rows": [
                 {
-                    "sigma_rel": float(r.sigma_rel),
+                    "sigma_rel": _json_number(r.sigma_rel),
                     "metrics": {str(k): _json_number(v) for k, v in r.metrics.items()},
                     "predicted_error": _json_number(r.predicted_error),
                     "outside": bool(r.outside),
                     "failure": None if r.failure is None else str(r.failure),
                     "weights": None if r.weights is None else str(r.weights),
                 }
+                | ({} if r.target is None else {"target": str(r.target)})
                 for r in self.rows
             ],
         }
@@ -237,12 +292,13 @@ class SweepResult:
         try:
             rows = tuple(
                 SweepRow(
-                    sigma_rel=float(r["sigma_rel"]),
+                    sigma_rel=math.nan if r["sigma_rel"] is None else float(r["sigma_rel"]),
                     predicted_error=math.nan if r["predicted_error"] is None else float(r["predicted_error"]),
                     outside=bool(r["outside"]),
                     metrics={str(k): math.nan if v is None else float(v) for k, v in r["metrics"].items()},
                     failure=r.get("failure"),
                     weights=r.get("weights"),
+                    target=r.get("target"),  # absent from results written before classic targets
                 )
                 for r in data["rows"]
             )

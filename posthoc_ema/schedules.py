@@ -52,6 +52,10 @@ __all__ = [
     "as_schedule",
     "equivalent_sigma_rel",
     "from_metadata",
+    "initial_weight",
+    "parse_schedule",
+    "schedule_spec",
+    "start_copy",
     "target_products",
     "to_metadata",
 ]
@@ -878,3 +882,168 @@ def target_products(
         target.cross(out_step, in_steps, in_gammas, update_steps=update_steps),
         target.norm_sq(out_step, update_steps=update_steps),
     )
+
+
+# -- specs: a schedule as one line of text (the CLI's --schedule) -----------------------------------------------
+
+# kind -> (class, {spec field: (attribute, default or None when required)}), fields in constructor order.
+_SPECS: dict[str, tuple[type[Schedule], dict[str, tuple[str, float | None]]]] = {
+    "constant": (Constant, {"beta": ("decay", None), "start": ("start", 0.0)}),
+    "half-life": (
+        HalfLife,
+        {"half_life": ("half_life", None), "update_interval": ("update_interval", 1.0), "start": ("start", 0.0)},
+    ),
+    "warmup": (
+        Warmup,
+        {
+            "inv_gamma": ("inv_gamma", 1.0),
+            "power": ("power", 2 / 3),
+            "min_beta": ("min_beta", 0.0),
+            "max_beta": ("max_beta", 0.9999),
+            "update_after_step": ("update_after_step", 0.0),
+        },
+    ),
+    "threshold": (Threshold, {"beta": ("decay", None)}),
+    "exp-warmup": (ExpWarmup, {"beta": ("decay", None), "rate": ("rate", None), "total_steps": ("total_steps", None)}),
+    "power": (PowerFunction, {"sigma_rel": ("sigma_rel", None), "gamma": ("gamma", None)}),
+}
+
+
+def parse_schedule(spec: str) -> Schedule:
+    """A schedule from a one-line spec ``KIND:FIELD=VALUE,...`` (the CLI's ``--schedule``).
+
+    Kinds and fields (defaults as in the classes): ``constant:beta,start``,
+    ``half-life:half_life,update_interval,start``,
+    ``warmup:inv_gamma,power,min_beta,max_beta,update_after_step``,
+    ``threshold:beta``, ``exp-warmup:beta,rate,total_steps`` and
+    ``power:sigma_rel`` (or ``gamma``). :func:`schedule_spec` is the way back.
+
+    Args:
+        spec: e.g. ``"constant:beta=0.999,start=8000"``.
+
+    Returns:
+        The schedule.
+
+    Raises:
+        ValueError: in one line, for an unknown kind, an unknown, repeated or
+            missing field, a value that is not a number, or a value out of range.
+
+    Example:
+        >>> parse_schedule("constant:beta=0.999,start=8000")
+        Constant(beta=0.999, start=8000)
+        >>> parse_schedule("warmup:power=0.75").power
+        0.75
+    """
+    text = spec.strip()
+    kind, _, body = text.partition(":")
+    kind = kind.strip().lower()
+    if kind not in _SPECS:
+        raise ValueError(f"schedule {spec!r}: unknown kind {kind!r}; use one of {', '.join(_SPECS)}")
+    cls, fields = _SPECS[kind]
+    values: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in body.split(","))):
+        name, eq, raw = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not eq:
+            raise ValueError(f"schedule {spec!r}: {item!r} is not FIELD=VALUE")
+        if name not in fields:
+            raise ValueError(f"schedule {spec!r}: {kind} has no field {name!r}; its fields are {', '.join(fields)}")
+        if name in values:
+            raise ValueError(f"schedule {spec!r}: field {name!r} is given twice")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"schedule {spec!r}: {name}={raw.strip()!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"schedule {spec!r}: {name}={raw.strip()!r} is not a finite number")
+        values[name] = value
+    required = [n for n, (_, default) in fields.items() if default is None]
+    if cls is PowerFunction:
+        required = [] if values else ["sigma_rel"]
+    missing = [n for n in required if n not in values]
+    if missing:
+        raise ValueError(f"schedule {spec!r}: {kind} needs {', '.join(f'{n}=...' for n in missing)}")
+    try:
+        return cls(**values)
+    except ValueError as err:
+        raise ValueError(f"schedule {spec!r}: {err}") from None
+
+
+def _spec_value(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(float(value))
+
+
+def schedule_spec(schedule: Schedule | float) -> str:
+    """The one-line spec of a schedule, which :func:`parse_schedule` reads back; fields at their defaults left out.
+
+    A power function is written by its canonical sigma_rel
+    (:func:`~posthoc_ema.profiles.canonical_sigma_rel`). This is the label
+    synthesized files and sweep tables give a target.
+
+    Raises:
+        TypeError: for a schedule class this module does not define.
+
+    Example:
+        >>> schedule_spec(Constant(0.999, start=8000))
+        'constant:beta=0.999,start=8000'
+        >>> schedule_spec(0.1)
+        'power:sigma_rel=0.1'
+    """
+    sched = as_schedule(schedule)
+    if isinstance(sched, PowerFunction):
+        return f"power:sigma_rel={profiles.canonical_sigma_rel(float(sched.sigma_rel))!r}"  # type: ignore[arg-type]
+    for kind, (cls, fields) in _SPECS.items():
+        if type(sched) is cls:
+            parts = []
+            for name, (attribute, default) in fields.items():
+                value = float(getattr(sched, attribute))
+                if default is None or value != default:
+                    parts.append(f"{name}={_spec_value(value)}")
+            return f"{kind}:{','.join(parts)}"
+    raise TypeError(f"{sched!r} has no spec: only the schedules of posthoc_ema.schedules do")
+
+
+def initial_weight(schedule: Schedule | float, out_step: float, *, update_steps: ArrayLike | None = None) -> float:
+    """The weight the initial copy (the weights at step 0) still carries in the EMA read at ``out_step``.
+
+    ``weights(update_steps, out_step)[0]``, without building the whole weight
+    vector (updates at every integer step by default). Power-function
+    snapshots give no weight to step 0, so a target that keeps much of it
+    cannot be reconstructed from them.
+
+    Example:
+        >>> round(initial_weight(Constant(0.999), 2000), 4)
+        0.1352
+    """
+    sched = as_schedule(schedule)
+    initial = 0.0
+    for _, _, _, last in sched._walk(update_steps, out_step):
+        if last is not None:
+            initial = last
+    return float(initial)
+
+
+def start_copy(
+    schedule: Schedule | float, out_step: float, *, update_steps: ArrayLike | None = None
+) -> tuple[float, float]:
+    """``(step, weight)`` of the copy of the weights an EMA read at ``out_step`` started from.
+
+    The latest update whose decay is 0 (``Constant(beta, start=s)`` copies at
+    every update up to ``s``), or the initial copy at step 0 when no update
+    copies; ``weight`` is what that copy still carries at ``out_step``. A copy is
+    one step's weights held as a point mass, which no power-function snapshot
+    profile reproduces: above 1% or so it dominates the reconstruction error.
+
+    Example:
+        >>> step, weight = start_copy(Constant(0.999, start=1000), 2000)
+        >>> step, round(weight, 4)
+        (1000.0, 0.3677)
+    """
+    sched = as_schedule(schedule)
+    for t_prev, t, w, last in sched._walk(update_steps, out_step):
+        copies = np.flatnonzero(np.isneginf(sched.log_beta(t, t_prev))) if t.size else np.zeros(0, dtype=np.intp)
+        if copies.size:
+            return float(t[copies[-1]]), float(w[copies[-1]])
+        if last is not None:
+            return 0.0, float(last)
+    return 0.0, 0.0  # pragma: no cover - the walk always ends with its initial copy

@@ -45,7 +45,9 @@ from posthoc_ema.results import (  # noqa: F401
     RESULTS_VERSION,
     SweepResult,
     SweepRow,
+    row_order,
 )
+from posthoc_ema.schedules import Schedule
 from posthoc_ema.synthesis import Plan, StateDict, plan, run
 
 __all__ = [
@@ -147,7 +149,7 @@ def _run_plan(
         outputs = run(the_plan.subset(index), device=device, dtype=dtype)
         for i in index:
             sigma_rel = the_plan.sigma_rels[i]
-            state_dict = outputs.pop(sigma_rel)
+            state_dict = outputs.pop(the_plan.key(i))
             failure = None
             metrics: dict[str, float] = {}
             try:
@@ -156,7 +158,7 @@ def _run_plan(
             except EvaluationError as err:
                 failure = str(err) or type(err).__name__
             if failure is not None:
-                log.info("sigma_rel=%.4g: evaluation failed: %s", sigma_rel, failure)
+                log.info("%s: evaluation failed: %s", the_plan.labels[i], failure)
             del state_dict
             row = SweepRow(
                 sigma_rel=float(sigma_rel),
@@ -164,6 +166,7 @@ def _run_plan(
                 outside=bool(the_plan.outside[i]),
                 metrics=metrics,
                 failure=failure,
+                target=the_plan.labels[i] if the_plan.is_classic(i) else None,
             )
             rows.append(row)
             if on_row is not None:
@@ -175,7 +178,7 @@ def _run_plan(
             if metric is None and metrics:
                 metric = next(iter(metrics))  # the first metric of the first result ranks
     return SweepResult(
-        rows=tuple(sorted(rows, key=lambda r: r.sigma_rel)),
+        rows=tuple(sorted(rows, key=row_order)),
         metric=metric or DEFAULT_METRIC,
         maximize=maximize,
         step=the_plan.step,
@@ -185,7 +188,7 @@ def _run_plan(
 
 def sweep(
     snapshot_dir: str | os.PathLike[str],
-    sigma_rels: float | Iterable[float],
+    sigma_rels: float | Schedule | Iterable[float | Schedule],
     evaluate: Callable[[StateDict], Metrics],
     *,
     metric: str | None = None,
@@ -206,7 +209,8 @@ def sweep(
 
     Args:
         snapshot_dir: folder of snapshots written by :class:`~posthoc_ema.PostHocEMA`.
-        sigma_rels: the targets, each in (0, sqrt(1/12)).
+        sigma_rels: the targets: sigma_rels, each in (0, sqrt(1/12)), and classic
+            schedules (:mod:`posthoc_ema.schedules`), mixed.
         evaluate: called with each synthesized state dict (load it with
             ``model.load_state_dict``); returns a number or a dict of numbers.
             Raise :class:`EvaluationError` to record a failure and go on; a NaN
@@ -223,7 +227,8 @@ def sweep(
         on_row: called with each :class:`SweepRow` as soon as it is evaluated.
 
     Returns:
-        A :class:`SweepResult`, rows sorted by sigma_rel.
+        A :class:`SweepResult`, rows sorted by sigma_rel, then the classic
+        targets by kind, start and decay (:func:`~posthoc_ema.results.row_order`).
 
     Raises:
         ValueError, SnapshotError: as for :func:`~posthoc_ema.synthesis.plan`, for

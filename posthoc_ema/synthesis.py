@@ -1,9 +1,16 @@
-"""Post-hoc synthesis: the EMA of any sigma_rel from the snapshots in a folder.
+"""Post-hoc synthesis: the EMA of any sigma_rel, or of any classic schedule, from the snapshots in a folder.
 
 :func:`plan` reads only the snapshots' headers and solves for the weights
 (:mod:`posthoc_ema.profiles`); :func:`synthesize_many` then streams the tensors
 once, accumulating every target at the same time, so memory stays at about
 the outputs plus a bounded buffer whatever the number of snapshots.
+
+A target is a sigma_rel (a power-function EMA, solved exactly as always) or any
+:class:`~posthoc_ema.schedules.Schedule` (a constant decay, a half-life, a
+warm-up...), mixed in one call and one pass. A classic EMA's weights depend on
+its update steps: synthesis takes the tracker's, every ``update_every``-th step
+``k, 2k, ...`` up to the step read (every integer step unless the snapshots'
+metadata says ``update_every > 1``), and records them in the output's metadata.
 """
 
 from __future__ import annotations
@@ -30,16 +37,18 @@ import numpy.typing as npt
 import torch
 from safetensors import safe_open
 
-from posthoc_ema import profiles
+from posthoc_ema import profiles, schedules
 from posthoc_ema._version import __version__
 from posthoc_ema.dtypes import FLOATING_DTYPES, dtype_name, parse_dtype
 from posthoc_ema.errors import PoorReconstructionWarning, RoundingWarning, SnapshotError
 from posthoc_ema.files import write_atomic
+from posthoc_ema.schedules import PowerFunction, Schedule
 from posthoc_ema.snapshots import SYNTHESIZED_FORMAT, SnapshotInfo, list_snapshots, mixed_runs
 from posthoc_ema.tracker import as_step
 
 __all__ = [
     "ERROR_WARNING_THRESHOLD",
+    "INITIAL_WEIGHT_THRESHOLD",
     "Plan",
     "PoorReconstructionWarning",
     "RoundingWarning",
@@ -60,6 +69,15 @@ StateDict = dict[str, torch.Tensor]
 #: :class:`PoorReconstructionWarning`: the result averages the run noticeably
 #: differently from the requested EMA.
 ERROR_WARNING_THRESHOLD = 0.05
+
+#: A classic target whose starting copy (the weights at step 0, or at its
+#: ``start``) still carries more than this fraction of its weight at the step
+#: read cannot be represented: that copy is one step's weights held as a point
+#: mass, which no power-function snapshot reproduces. :func:`plan` names it.
+INITIAL_WEIGHT_THRESHOLD = 0.01
+
+#: What a target may be: a sigma_rel, or a schedule (:mod:`posthoc_ema.schedules`).
+Target = float | Schedule
 
 #: Unit roundoff ``u`` (half the gap between 1 and the next number) of each
 #: floating safetensors dtype: rounding to nearest changes a value by a
@@ -87,8 +105,12 @@ class Plan:
 
     Attributes:
         step: the step reconstructed.
-        sigma_rels: the targets.
-        gammas: their exponents.
+        sigma_rels: the sigma_rel of each target; for a classic schedule, its
+            equivalent sigma_rel (:func:`~posthoc_ema.schedules.equivalent_sigma_rel`
+            at :attr:`step`, on :attr:`update_every`'s grid), NaN when it is wider
+            than any power function. It orders and plots targets; it is their
+            identity only for power-function targets (see :attr:`targets`).
+        gammas: their exponents (NaN for a classic schedule).
         snapshots: the snapshots used (step <= ``step``), sorted by (step, sigma_rel).
         coefficients: ``[n_snapshots, n_targets]`` float64 weights; columns sum to 1.
         errors: predicted relative L2 error of each reconstructed profile.
@@ -100,6 +122,18 @@ class Plan:
             the storage dtype x the coefficient norm.
         storage_dtypes: the dtypes the snapshots store floating tensors in
             (``"bfloat16"``...), coarsest first.
+        targets: each target as a schedule: :class:`~posthoc_ema.schedules.PowerFunction`
+            of its canonical sigma_rel for a sigma_rel, else the schedule given.
+            Empty only in plans built by hand before targets existed (then
+            :attr:`sigma_rels` are the targets).
+        initial_weights: the weight each target's starting copy still carries at
+            :attr:`step` (:func:`~posthoc_ema.schedules.start_copy`): the initial
+            copy (the weights at step 0), or the copy at its ``start``; about 0
+            for a power function. Above :data:`INITIAL_WEIGHT_THRESHOLD` the target
+            cannot be represented.
+        copy_steps: the step of each target's starting copy (0: the initial copy).
+        update_every: the classic targets' update grid: an update at every
+            ``update_every``-th step up to :attr:`step` (from the snapshots' metadata).
     """
 
     step: int
@@ -112,6 +146,33 @@ class Plan:
     outside: npt.NDArray[np.bool_]
     rounding_errors: npt.NDArray[np.float64]
     storage_dtypes: tuple[str, ...]
+    targets: tuple[Schedule, ...] = ()
+    initial_weights: npt.NDArray[np.float64] | None = None
+    update_every: int = 1
+    copy_steps: npt.NDArray[np.float64] | None = None
+
+    def _targets(self) -> tuple[Schedule, ...]:
+        return self.targets or tuple(PowerFunction(sigma_rel=s) for s in self.sigma_rels)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Each target as text: its sigma_rel for a power function (``"0.1"``), else its spec
+        (:func:`~posthoc_ema.schedules.schedule_spec`, ``"constant:beta=0.999,start=8000"``)."""
+        return tuple(target_label(t) for t in self._targets())
+
+    def is_classic(self, index: int) -> bool:
+        """Whether target ``index`` is a classic schedule (not a power function)."""
+        return not isinstance(self._targets()[index], PowerFunction)
+
+    def key(self, index: int) -> float | Schedule:
+        """Target ``index``'s key in the mapping :func:`run` returns: its canonical sigma_rel, or its schedule."""
+        return _target_key_of(self._targets()[index])
+
+    def update_steps(self) -> npt.NDArray[np.float64] | None:
+        """The classic targets' update steps: None for every integer step, else ``k, 2k, ...`` up to :attr:`step`."""
+        if self.update_every == 1:
+            return None
+        return np.arange(self.update_every, self.step + 1, self.update_every, dtype=np.float64)
 
     @property
     def tracked_sigma_rels(self) -> tuple[float, ...]:
@@ -124,6 +185,9 @@ class Plan:
         return replace(
             self,
             sigma_rels=tuple(self.sigma_rels[i] for i in index),
+            targets=tuple(self.targets[i] for i in index) if self.targets else (),
+            initial_weights=None if self.initial_weights is None else self.initial_weights[idx],
+            copy_steps=None if self.copy_steps is None else self.copy_steps[idx],
             gammas=self.gammas[idx],
             coefficients=self.coefficients[:, idx],
             errors=self.errors[idx],
@@ -133,8 +197,25 @@ class Plan:
         )
 
     def metadata(self, index: int) -> dict[str, str]:
-        """Safetensors metadata describing target ``index``."""
-        return {
+        """Safetensors metadata describing target ``index``.
+
+        A classic target's file records ``schedule`` (its spec,
+        :func:`~posthoc_ema.schedules.schedule_spec`), ``schedule_repr``,
+        ``update_every``, and ``initial_weight`` with ``copy_step`` (the weight and
+        step of the copy it started from, :attr:`initial_weights`); its ``sigma_rel`` is the
+        equivalent sigma_rel (``nan`` when none) and its ``gamma`` is ``nan``.
+        """
+        extra: dict[str, str] = {}
+        if self.is_classic(index):
+            target = self._targets()[index]
+            extra = {
+                "schedule": schedules.schedule_spec(target),
+                "schedule_repr": repr(target),
+                "update_every": str(self.update_every),
+                "initial_weight": repr(float(self.initial_weights[index])) if self.initial_weights is not None else "",
+                "copy_step": repr(float(self.copy_steps[index])) if self.copy_steps is not None else "",
+            }
+        return extra | {
             "format": SYNTHESIZED_FORMAT,
             "format_version": "1",
             "sigma_rel": repr(self.sigma_rels[index]),
@@ -156,31 +237,63 @@ def target_key(sigma_rel: float) -> str:
     return repr(profiles.canonical_sigma_rel(sigma_rel))
 
 
-class ByTarget(dict[float, "StateDict"]):
-    """``{sigma_rel: state_dict}`` whose lookups use the sigma_rel identity rule.
+def target_label(target: Target) -> str:
+    """A target as text: ``repr`` of its canonical sigma_rel for a power function, else its schedule's spec.
 
-    Keys are canonical sigma_rels (:func:`~posthoc_ema.profiles.canonical_sigma_rel`),
-    and any number equal to one under that rule finds it: ``sds[0.07]`` finds the
-    target built as ``np.arange(0.05, 0.1, 0.01)[2]``, and ``sds[np.float32(0.05)]`` finds 0.05.
+    Example:
+        >>> target_label(0.1), target_label(schedules.Constant(0.999, start=8000))
+        ('0.1', 'constant:beta=0.999,start=8000')
+    """
+    sched = schedules.as_schedule(target)
+    if isinstance(sched, PowerFunction):
+        return target_key(float(sched.sigma_rel))  # type: ignore[arg-type]
+    return schedules.schedule_spec(sched)
+
+
+def _target_key_of(target: Target) -> float | Schedule:
+    sched = schedules.as_schedule(target)
+    if isinstance(sched, PowerFunction):
+        return profiles.canonical_sigma_rel(float(sched.sigma_rel))  # type: ignore[arg-type]
+    return sched
+
+
+class ByTarget(dict[Any, "StateDict"]):
+    """``{target: state_dict}`` whose lookups use the sigma_rel identity rule.
+
+    Keys are canonical sigma_rels (:func:`~posthoc_ema.profiles.canonical_sigma_rel`)
+    for power-function targets, and the schedule objects for classic ones. Any
+    number equal to a key under that rule finds it: ``sds[0.07]`` finds the
+    target built as ``np.arange(0.05, 0.1, 0.01)[2]``, and ``sds[np.float32(0.05)]``
+    finds 0.05; so does a :class:`~posthoc_ema.schedules.PowerFunction`. A
+    classic target is found by its schedule (``sds[Constant(0.999)]``, equal
+    dataclasses being the same key) or by its label
+    (``sds["constant:beta=0.999"]``, see :func:`target_label`).
     """
 
     @staticmethod
     def _key(key: object) -> object:
+        if isinstance(key, str) and ":" in key:
+            try:
+                key = schedules.parse_schedule(key)
+            except ValueError:
+                return key
+        if isinstance(key, PowerFunction):
+            return profiles.canonical_sigma_rel(float(key.sigma_rel))  # type: ignore[arg-type]
         if isinstance(key, (bool, str)) or not isinstance(key, (int, float, np.number, torch.Tensor)):
             return key
         return profiles.canonical_sigma_rel(float(key))
 
     def __getitem__(self, key: object) -> StateDict:
-        return super().__getitem__(self._key(key))  # type: ignore[index]
+        return super().__getitem__(self._key(key))
 
     def __contains__(self, key: object) -> bool:
         return super().__contains__(self._key(key))
 
     def get(self, key: object, default: object = None) -> object:  # type: ignore[override]
-        return super().get(self._key(key), default)  # type: ignore[call-overload]
+        return super().get(self._key(key), default)
 
     def pop(self, key: object, *default: object) -> object:  # type: ignore[override]
-        return super().pop(self._key(key), *default)  # type: ignore[call-overload]
+        return super().pop(self._key(key), *default)
 
 
 def _layout(info: SnapshotInfo) -> dict[str, tuple[bool, tuple[int, ...]]]:
@@ -294,45 +407,107 @@ def _pick_step(steps: Sequence[int], step: int | None) -> int:
     return step
 
 
+def _as_targets(sigma_rels: Target | Iterable[Target]) -> list[Target]:
+    """The targets as a flat list: numbers as float64 (as they always were), schedules as given."""
+    if isinstance(sigma_rels, Schedule):
+        return [sigma_rels]
+    if isinstance(sigma_rels, np.ndarray):
+        items: list[Any] = list(sigma_rels.reshape(-1))
+    elif isinstance(sigma_rels, Iterable):
+        items = list(sigma_rels)
+    else:
+        items = [sigma_rels]
+    if not any(isinstance(t, Schedule) for t in items):
+        return list(np.asarray(items, dtype=np.float64).reshape(-1))
+    return [t if isinstance(t, Schedule) else np.float64(t) for t in items]
+
+
+def _update_every(used: Sequence[SnapshotInfo], update_every: int | None) -> int:
+    if update_every is not None:
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every={update_every!r} is not a positive integer")
+        return update_every
+    found = sorted({s.update_every for s in used})
+    if len(found) > 1:
+        raise SnapshotError(
+            f"{used[0].path.parent}: the snapshots were tracked with update_every {', '.join(map(str, found))}; "
+            "pass update_every= to say which update grid the classic targets follow"
+        )
+    return found[0]
+
+
 def plan(
     snapshot_dir: str | os.PathLike[str],
-    sigma_rels: float | Iterable[float],
+    sigma_rels: Target | Iterable[Target],
     *,
     step: int | None = None,
     prefix: str | None = None,
+    update_every: int | None = None,
 ) -> Plan:
     """Solve for the weights of each target without reading any tensor.
 
+    A target is a sigma_rel or any :class:`~posthoc_ema.schedules.Schedule`,
+    mixed freely. Power-function targets are solved exactly as for sigma_rels
+    alone; a classic target's profile is known through its exact inner
+    products with the snapshot profiles (:func:`~posthoc_ema.schedules.target_products`)
+    and solved by the same least squares, with the same predicted error.
+    A classic EMA updates every ``update_every``-th step ``k, 2k, ...`` up to
+    the step read (every integer step by default), and starts as a copy of the
+    weights at step 0; power-function snapshots give that copy no weight, so a
+    target whose starting copy (at step 0, or at its ``start``) still weighs
+    more than :data:`INITIAL_WEIGHT_THRESHOLD`
+    is reported as one the snapshots cannot represent.
+
     Args:
         snapshot_dir: folder of snapshots written by :class:`PostHocEMA`.
-        sigma_rels: target sigma_rel(s), each in (0, sqrt(1/12)).
+        sigma_rels: the target(s): sigma_rels, each in (0, sqrt(1/12)), and schedules.
         step: a snapshot step to reconstruct at; default the latest. Only
             snapshots at or before it are used.
         prefix: use the snapshots of this tracker prefix only (see
             :class:`PostHocEMA`); needed when several trackers share the folder.
+        update_every: the classic targets' update period in steps; default the
+            snapshots' ``update_every`` (:attr:`SnapshotInfo.update_every`).
 
     Returns:
         A :class:`Plan` with coefficients and predicted errors.
 
     Raises:
-        ValueError: for a sigma_rel out of range, a repeated target, or a step that is not a snapshot step.
+        ValueError: for a sigma_rel out of range, a repeated target, a step that is
+            not a snapshot step, or a classic target with no overlap with the snapshots.
         SnapshotError: for a missing folder, a folder without snapshots, a corrupt
             snapshot, snapshots that disagree on tensors, a repeated (step, sigma_rel),
-            or snapshots of several training runs or prefixes.
+            snapshots of several training runs or prefixes, or (with classic
+            targets) snapshots of several ``update_every``.
+
+    Warns:
+        PoorReconstructionWarning: naming the targets whose predicted error is
+            above :data:`ERROR_WARNING_THRESHOLD`, and the classic targets whose
+            initial copy weighs more than :data:`INITIAL_WEIGHT_THRESHOLD`.
 
     Example:
-        >>> p = plan("ckpts", [0.05, 0.15])  # doctest: +SKIP
+        >>> p = plan("ckpts", [0.05, 0.15, Constant(0.9999), "..."][:3])  # doctest: +SKIP
         >>> p.errors  # doctest: +SKIP
-        array([0.0004, 0.0061])
+        array([0.0004, 0.0061, 0.0123])
     """
-    targets = tuple(profiles.canonical_sigma_rel(s) for s in np.asarray(sigma_rels, dtype=np.float64).reshape(-1))
-    if not targets:
-        raise ValueError("sigma_rels is empty; give at least one target sigma_rel")
-    keys = [target_key(s) for s in targets]
-    if len(set(keys)) != len(keys):
-        repeated = next(s for s, k in zip(targets, keys, strict=True) if keys.count(k) > 1)
-        raise ValueError(f"sigma_rels repeats sigma_rel={repeated!r}")
-    gammas = profiles.sigma_rel_to_gamma(targets)
+    given = _as_targets(sigma_rels)
+    if not given:
+        raise ValueError("sigma_rels is empty; give at least one target sigma_rel or schedule")
+    scheds = [
+        PowerFunction(sigma_rel=profiles.canonical_sigma_rel(t.sigma_rel))  # type: ignore[arg-type]
+        if isinstance(t, PowerFunction)
+        else t
+        if isinstance(t, Schedule)
+        else PowerFunction(sigma_rel=profiles.canonical_sigma_rel(t))
+        for t in given
+    ]
+    labels = [target_label(t) for t in scheds]
+    if len(set(labels)) != len(labels):
+        repeated = next(t for t, k in zip(scheds, labels, strict=True) if labels.count(k) > 1)
+        what = f"sigma_rel={repeated.sigma_rel!r}" if isinstance(repeated, PowerFunction) else repr(repeated)
+        raise ValueError(f"sigma_rels repeats {what}")
+    power = [j for j, t in enumerate(scheds) if isinstance(t, PowerFunction)]
+    classic = [j for j, t in enumerate(scheds) if not isinstance(t, PowerFunction)]
+    power_sigmas = tuple(float(scheds[j].sigma_rel) for j in power)  # type: ignore[attr-defined]
     found = list_snapshots(snapshot_dir, prefix=prefix)
     if not found:
         raise SnapshotError(f"{snapshot_dir}: no snapshots (no .safetensors file with posthoc-ema snapshot metadata)")
@@ -360,8 +535,45 @@ def plan(
     _check_consistent(used)
     in_steps = [s.step for s in used]
     in_sigmas = [s.sigma_rel for s in used]
-    coef = profiles.solve_coefficients(in_steps, in_sigmas, out_step, targets)
-    errors = profiles.reconstruction_error(coef, in_steps, in_sigmas, out_step, targets)
+    n_targets = len(scheds)
+    coef = np.zeros((len(used), n_targets))
+    errors = np.zeros(n_targets)
+    sigma_list = [math.nan] * n_targets
+    gammas = np.full(n_targets, math.nan)
+    initial = np.zeros(n_targets)
+    copy_steps = np.zeros(n_targets)
+    if power:
+        coef[:, power] = profiles.solve_coefficients(in_steps, in_sigmas, out_step, power_sigmas)
+        errors[power] = profiles.reconstruction_error(coef[:, power], in_steps, in_sigmas, out_step, power_sigmas)
+        gammas[power] = profiles.sigma_rel_to_gamma(power_sigmas)
+        for j, sigma in zip(power, power_sigmas, strict=True):
+            sigma_list[j] = sigma
+    every = _update_every(used, update_every) if classic else 1
+    if classic:
+        grid = None if every == 1 else np.arange(every, out_step + 1, every, dtype=np.float64)
+        steps_f = np.asarray(in_steps, dtype=np.float64)
+        gammas_f = profiles.sigma_rel_to_gamma(np.asarray(in_sigmas, dtype=np.float64))
+        cross = np.empty((len(used), len(classic)))
+        norm_sq = np.empty(len(classic))
+        for c, j in enumerate(classic):
+            cross[:, c], norm_sq[c] = schedules.target_products(
+                scheds[j], out_step, steps_f, gammas_f, update_steps=grid
+            )
+            copy_steps[j], initial[j] = schedules.start_copy(scheds[j], out_step, update_steps=grid)
+            with contextlib.suppress(ValueError):  # wider than any power function: NaN
+                sigma_list[j] = profiles.canonical_sigma_rel(
+                    schedules.equivalent_sigma_rel(scheds[j], out_step, update_steps=grid)
+                )
+        classic_coef, classic_errors = profiles._solve_targets(steps_f, gammas_f, norm_sq, cross=cross)
+        lost = np.isnan(classic_errors)
+        if np.any(lost):
+            raise ValueError(
+                f"{labels[classic[int(np.argmax(lost))]]} at step {out_step} has no overlap with the snapshots "
+                "at or before it; reconstruct at another step or choose a wider target"
+            )
+        coef[:, classic] = classic_coef
+        errors[classic] = classic_errors
+    targets = tuple(sigma_list)
     lo, hi = min(in_sigmas), max(in_sigmas)
     formats = [_storage_format(s) for s in used]
     roundoffs = [0.0 if f is None else UNIT_ROUNDOFF[f] for f in formats]
@@ -377,11 +589,33 @@ def plan(
         outside=np.array([not (lo <= s <= hi) for s in targets]),
         rounding_errors=rounding_errors(coef, roundoffs),
         storage_dtypes=tuple(dtype_name(FLOATING_DTYPES[f]) for f in coarsest),
+        targets=tuple(scheds),
+        initial_weights=initial,
+        update_every=every,
+        copy_steps=copy_steps,
     )
-    poor = [(s, err) for s, err in zip(targets, errors, strict=True) if err > ERROR_WARNING_THRESHOLD]
+    names = [
+        f"{s:.4g}" if isinstance(t, PowerFunction) else lab for s, t, lab in zip(targets, scheds, labels, strict=True)
+    ]
+    what = "" if classic else "sigma_rel "
+    held = [j for j in classic if initial[j] > INITIAL_WEIGHT_THRESHOLD]
+    if held:
+        warnings.warn(
+            f"{len(held)} of {len(targets)} targets cannot be represented: "
+            + "; ".join(
+                f"{labels[j]} still keeps {initial[j]:.1%} of its weight at step {out_step} on the copy of the "
+                f"weights at step {copy_steps[j]:g} it started from"
+                for j in held
+            )
+            + "; a copy is one step's weights, which no power-function snapshot reproduces: choose a smaller "
+            "decay or an earlier start",
+            PoorReconstructionWarning,
+            stacklevel=2,
+        )
+    poor = [(names[j], err) for j, err in enumerate(errors) if err > ERROR_WARNING_THRESHOLD]
     if poor:
         warnings.warn(
-            f"{len(poor)} of {len(targets)} targets (sigma_rel {', '.join(f'{s:.4g}' for s, _ in poor)}) "
+            f"{len(poor)} of {len(targets)} targets ({what}{', '.join(s for s, _ in poor)}) "
             f"have a predicted relative error above {ERROR_WARNING_THRESHOLD:.0%} "
             f"({', '.join(format_error(err) for _, err in poor)}): their EMAs average the run differently from "
             "the requested profile; track sigma_rels around them or snapshot more often",
@@ -391,13 +625,13 @@ def plan(
     worst = max(roundoffs)
     rounded = [
         (s, r, n)
-        for s, r, n in zip(targets, result.rounding_errors, result.coefficient_norms, strict=True)
+        for s, r, n in zip(names, result.rounding_errors, result.coefficient_norms, strict=True)
         if _rounding_matters(float(r), worst)
     ]
     if rounded:
         stored = result.storage_dtypes[0]  # the coarsest, which the rounding comes from
         warnings.warn(
-            f"{len(rounded)} of {len(targets)} targets (sigma_rel {', '.join(f'{s:.4g}' for s, _, _ in rounded)}) "
+            f"{len(rounded)} of {len(targets)} targets ({what}{', '.join(s for s, _, _ in rounded)}) "
             f"lose about {', '.join(format_error(r) for _, r, _ in rounded)} of the weights' size to the rounding of "
             f"the {stored} snapshots: their coefficients (norm {', '.join(f'{n:.3g}' for _, _, n in rounded)}) "
             f"amplify it to over twice what storing the EMA itself in {stored} costs; track sigma_rels "
@@ -410,30 +644,33 @@ def plan(
 
 def synthesize_many(
     snapshot_dir: str | os.PathLike[str],
-    sigma_rels: Iterable[float],
+    sigma_rels: Iterable[Target],
     *,
     step: int | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str = torch.float32,
     progress: Callable[[int, int], None] | None = None,
     prefix: str | None = None,
-) -> dict[float, StateDict]:
-    """Synthesize the EMA of several sigma_rels in one pass over the snapshots.
+    update_every: int | None = None,
+) -> dict[Any, StateDict]:
+    """Synthesize the EMA of several targets (sigma_rels and schedules) in one pass over the snapshots.
 
     Each snapshot tensor is read once (in bounded row chunks) and multiplied
     into every target at once, in float32 with float64-solved weights.
 
     Args:
         snapshot_dir: folder of snapshots.
-        sigma_rels: target sigma_rels.
+        sigma_rels: target sigma_rels and schedules (:mod:`posthoc_ema.schedules`), mixed.
         step: snapshot step to reconstruct at; default the latest.
         device: where to accumulate (``"cuda"`` for a GPU); default CPU.
         dtype: dtype of floating outputs (float32, float64, bfloat16, float16).
         progress: called with (bytes done, bytes total) as the pass goes on.
-        prefix: as for :func:`plan`.
+        prefix, update_every: as for :func:`plan`.
 
     Returns:
-        ``{sigma_rel: state_dict}``; each loads with ``model.load_state_dict(sd, strict=True)``.
+        A :class:`ByTarget` ``{target: state_dict}``, keyed by canonical sigma_rel
+        for power functions and by schedule for classic targets (found by label
+        too); each loads with ``model.load_state_dict(sd, strict=True)``.
         Non-floating entries are copied from the latest snapshot used.
 
     Raises:
@@ -443,8 +680,11 @@ def synthesize_many(
     Example:
         >>> sds = synthesize_many("ckpts", [0.05, 0.10, 0.15])  # doctest: +SKIP
         >>> model.load_state_dict(sds[0.15])  # doctest: +SKIP
+        >>> sds = synthesize_many("ckpts", [0.10, Constant(0.9999), HalfLife(2000)])  # doctest: +SKIP
+        >>> model.load_state_dict(sds["constant:beta=0.9999"])  # doctest: +SKIP
     """
-    return run(plan(snapshot_dir, sigma_rels, step=step, prefix=prefix), device=device, dtype=dtype, progress=progress)
+    the_plan = plan(snapshot_dir, sigma_rels, step=step, prefix=prefix, update_every=update_every)
+    return run(the_plan, device=device, dtype=dtype, progress=progress)
 
 
 def run(
@@ -453,7 +693,7 @@ def run(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str = torch.float32,
     progress: Callable[[int, int], None] | None = None,
-) -> dict[float, StateDict]:
+) -> dict[Any, StateDict]:
     """Carry out a :func:`plan`: the streaming pass of :func:`synthesize_many`.
 
     The floating tensors of a snapshot are seen as one flat vector (in file
@@ -499,13 +739,13 @@ def run(
     with safe_open(str(latest.path), framework="pt", device="cpu") as f:
         copied = {k: f.get_tensor(k) for k in latest.tensors if k not in keys}
     result = ByTarget()
-    for j, sigma_rel in enumerate(the_plan.sigma_rels):
+    for j in range(len(the_plan.sigma_rels)):
         sd: StateDict = {
             k: sums[j, a:b].view(latest.tensors[k][1]).to(out_dtype)
             for k, a, b in zip(keys, starts, starts[1:], strict=False)
         }
         sd.update({k: t.to(dev, copy=True) for k, t in copied.items()})
-        result[sigma_rel] = sd
+        result[the_plan.key(j)] = sd
     return result
 
 
@@ -637,22 +877,27 @@ def _read_flat(
 
 def synthesize(
     snapshot_dir: str | os.PathLike[str],
-    sigma_rel: float,
+    sigma_rel: Target,
     *,
     step: int | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str = torch.float32,
     prefix: str | None = None,
+    update_every: int | None = None,
 ) -> StateDict:
-    """Synthesize the EMA of one ``sigma_rel`` from a folder of snapshots.
+    """Synthesize the EMA of one target (a ``sigma_rel`` or a schedule) from a folder of snapshots.
 
     Same as ``synthesize_many(snapshot_dir, [sigma_rel], ...)[sigma_rel]``.
 
     Example:
         >>> sd = synthesize("ckpts", sigma_rel=0.15)  # doctest: +SKIP
+        >>> sd = synthesize("ckpts", Constant(0.9999, start=8000))  # doctest: +SKIP
         >>> model.load_state_dict(sd)  # doctest: +SKIP
     """
-    return synthesize_many(snapshot_dir, [sigma_rel], step=step, device=device, dtype=dtype, prefix=prefix)[sigma_rel]
+    sds = synthesize_many(
+        snapshot_dir, [sigma_rel], step=step, device=device, dtype=dtype, prefix=prefix, update_every=update_every
+    )
+    return sds[sigma_rel]
 
 
 def save(
