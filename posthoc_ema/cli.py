@@ -26,7 +26,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
@@ -48,6 +48,9 @@ from posthoc_ema.synthesis import (
     run,
     save,
 )
+
+if TYPE_CHECKING:
+    from posthoc_ema.checkpoints import CheckpointPlan
 
 __all__ = ["app", "main", "parse_sigma_rels"]
 
@@ -262,7 +265,7 @@ def _default_name(sigma_rel: float, step: int) -> str:
     return f"ema-{float(sigma_rel)!r}-{int(step)}{SUFFIX}"
 
 
-def _output_paths(output: str | None, the_plan: Plan) -> list[Path]:
+def _output_paths(output: str | None, the_plan: Plan | CheckpointPlan) -> list[Path]:
     """Where ``synthesize`` writes: ``-o`` names a file for one target, unless it is a folder or ends with ``/``."""
     names = [_default_name(s, the_plan.step) for s in the_plan.sigma_rels]
     as_folder = output is not None and (output.endswith(("/", os.sep)) or Path(output).is_dir())
@@ -743,8 +746,15 @@ def from_checkpoints_command(
     ],
     sigma_rel: SigmaRels,
     output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", metavar="PATH", help="Output file (one target) or folder.", show_default=False),
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="PATH",
+            help="Output file (one target), or folder (several targets, or a path ending in /). "
+            "Default: ema-SIGMA-STEP.safetensors, here.",
+            show_default=False,
+        ),
     ] = None,
     key: Annotated[
         str | None, typer.Option(help="Entry of torch.save files holding the state dict, e.g. state_dict.")
@@ -757,19 +767,28 @@ def from_checkpoints_command(
         InterpolationChoice, typer.Option(help="The trajectory assumed between checkpoints.")
     ] = InterpolationChoice.piecewise_constant,
     step: Step = None,
+    device: Annotated[Device, typer.Option(help="Where to accumulate.")] = Device.cpu,
     dtype: Annotated[OutputDtype, typer.Option(help="Dtype of the floating tensors written.")] = OutputDtype.float32,
+    force: Annotated[bool, typer.Option("--force", help="Replace output files that exist.")] = False,
 ) -> None:
     """The EMA of each target sigma_rel from plain checkpoints of a finished run (no tracker needed).
 
     Each checkpoint is a sample of the trajectory, weighted by the target profile
     integrated against the interpolation. Prints how well the checkpoints resolve
     each target (effective number of checkpoints, profile mass per interval).
-    The same as ``synthesize --from-checkpoints`` in the issue's wording.
+    Existing files are not replaced unless --force is given, and nothing is
+    written into RUN_DIR.
     """
     from posthoc_ema import checkpoints
 
     targets: list[float] = sigma_rel  # type: ignore[assignment]  # converted by the callback
+    if len(targets) > 1 and output is not None and Path(output).exists() and not Path(output).is_dir():
+        raise typer.BadParameter(
+            f"{output} is a file; with {len(targets)} targets -o must be a folder (one file per target)",
+            param_hint="'-o' / '--output'",
+        )
     with _library_errors():
+        _check_device(device)
         with _shown_warnings():
             the_plan = checkpoints.plan_checkpoints(
                 run_dir,
@@ -780,16 +799,17 @@ def from_checkpoints_command(
                 step=step,
             )
         typer.echo(the_plan.format_report())
-        names = [_default_name(s, the_plan.step) for s in the_plan.sigma_rels]
-        if len(names) == 1 and (output is None or not output.is_dir()):
-            paths = [output if output is not None else Path(names[0])]
-        else:
-            paths = [(output if output is not None else Path(".")) / name for name in names]
-        state_dicts = checkpoints.run_checkpoints(the_plan, key=key, dtype=dtype.value)
-        for index, (target, path) in enumerate(zip(the_plan.sigma_rels, paths, strict=True)):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            checkpoints.save(path, state_dicts[target], the_plan, index)
-            typer.echo(f"wrote {path}")
+        paths = _output_paths(output, the_plan)
+        _check_outputs(paths, run_dir, force=force)
+        state_dicts = checkpoints.run_checkpoints(the_plan, key=key, device=device.value, dtype=dtype.value)
+        with _folders_made() as make:
+            for index, (target, path) in enumerate(zip(the_plan.sigma_rels, paths, strict=True)):
+                make(path.parent)
+                try:
+                    checkpoints.save(path, state_dicts[target], the_plan, index, overwrite=force)
+                except OSError as err:  # name the file asked for, not its temporary name
+                    raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+                typer.echo(f"wrote {path}")
 
 
 # -- disk budget -----------------------------------------------------------------------
