@@ -35,6 +35,7 @@ from posthoc_ema._version import __version__
 from posthoc_ema.commands import command_sweep
 from posthoc_ema.folders import describe
 from posthoc_ema.plots import plot_error_curve, plot_profile, plot_sweep
+from posthoc_ema.profiles import same_sigma_rel
 from posthoc_ema.results import RESULTS_CSV, RESULTS_JSON, SweepRow
 from posthoc_ema.retention import apply_retention, estimate, plan_retention, sigma_rel_grid
 from posthoc_ema.sharded import parse_size, synthesize_sharded
@@ -318,10 +319,12 @@ def _check_device(device: Device) -> None:
             raise ValueError("--device cuda: no CUDA device is available to PyTorch")
 
 
-def _checked_plan(ckpt_dir: Path, targets: float | Sequence[float], step: int | None) -> Plan:
+def _checked_plan(
+    ckpt_dir: Path, targets: float | Sequence[float], step: int | None, prefix: str | None = None
+) -> Plan:
     """:func:`plan`, refusing targets too narrow to compute in float64 (NumPy's warnings kept inside)."""
     with np.errstate(all="ignore"):
-        the_plan = plan(ckpt_dir, targets, step=step)
+        the_plan = plan(ckpt_dir, targets, step=step, prefix=prefix)
     bad = [j for j, e in enumerate(the_plan.errors) if not math.isfinite(float(e))]
     if bad:
         sigma_rel, gamma = float(the_plan.sigma_rels[bad[0]]), float(the_plan.gammas[bad[0]])
@@ -386,6 +389,15 @@ SigmaRels = Annotated[
     ),
 ]
 
+Prefix = Annotated[
+    str | None,
+    typer.Option(
+        metavar="PREFIX",
+        help="Use the snapshots of this tracker prefix only (a folder shared by several trackers, e.g. a GAN's).",
+        show_default=False,
+    ),
+]
+
 
 def _version(value: bool) -> None:
     if value:
@@ -418,6 +430,7 @@ def synthesize(
         ),
     ] = None,
     step: Step = None,
+    prefix: Prefix = None,
     device: Annotated[Device, typer.Option(help="Where to accumulate.")] = Device.cpu,
     dtype: Annotated[OutputDtype, typer.Option(help="Dtype of the floating tensors written.")] = OutputDtype.float32,
     force: Annotated[bool, typer.Option("--force", help="Replace output files that exist.")] = False,
@@ -451,7 +464,7 @@ def synthesize(
     with _library_errors():
         _check_device(device)
         with _shown_warnings():
-            the_plan = _checked_plan(ckpt_dir, targets, step)
+            the_plan = _checked_plan(ckpt_dir, targets, step, prefix)
             _print_report(the_plan)
         if dry_run:
             _print_coefficients(the_plan)
@@ -602,6 +615,7 @@ def sweep_command(
         ),
     ] = Path("sweep"),
     step: Step = None,
+    prefix: Prefix = None,
     timeout: Annotated[
         float | None,
         typer.Option(
@@ -625,7 +639,7 @@ def sweep_command(
         _check_device(device)
         with warnings.catch_warnings():  # command_sweep plans again, and warns then
             warnings.simplefilter("ignore", PoorReconstructionWarning)
-            _checked_plan(ckpt_dir, targets, step)  # headers only: refuse bad targets before any work
+            _checked_plan(ckpt_dir, targets, step, prefix)  # headers only: refuse bad targets before any work
         result = command_sweep(
             ckpt_dir,
             targets,
@@ -634,6 +648,7 @@ def sweep_command(
             metric=metric,
             maximize=maximize,
             step=step,
+            prefix=prefix,
             timeout=timeout,
             keep_weights=keep_weights,
             device=device.value,
@@ -701,6 +716,7 @@ def plot_command(
         ),
     ] = None,
     step: Step = None,
+    prefix: Prefix = None,
 ) -> None:
     """Draw a reconstructed EMA profile (--sigma-rel) or the predicted error across sigma_rel (--error-curve)."""
     grid: list[float] | None = error_curve  # type: ignore[assignment]  # converted by the callback
@@ -714,12 +730,20 @@ def plot_command(
                 path = _image_path(output, "error-curve.png")
                 with warnings.catch_warnings():  # the curve shows the errors; no warning per target
                     warnings.simplefilter("ignore", PoorReconstructionWarning)
-                    _checked_plan(ckpt_dir, grid, step)
-                plot_error_curve(ckpt_dir, grid, path, step=step)
+                    curve = _checked_plan(ckpt_dir, grid, step, prefix)
+                    # Add the tracked sigma_rels inside the grid, where the error drops to 0 (as plot_error_curve does).
+                    extra = [
+                        s
+                        for s in curve.tracked_sigma_rels
+                        if min(grid) <= s <= max(grid) and not any(same_sigma_rel(s, g) for g in grid)
+                    ]
+                    if extra:
+                        curve = plan(ckpt_dir, [*grid, *extra], step=curve.step, prefix=prefix)
+                plot_error_curve(curve, None, path)
             elif sigma_rel is not None:
                 path = _image_path(output, f"profile-{sigma_rel!r}.png")
                 with _shown_warnings():
-                    the_plan = _checked_plan(ckpt_dir, sigma_rel, step)
+                    the_plan = _checked_plan(ckpt_dir, sigma_rel, step, prefix)
                 plot_profile(the_plan, 0, path)
         except ImportError as err:
             typer.secho(f"error: {_one_line(err)}", fg="red", err=True)
@@ -871,6 +895,7 @@ def prune_command(
         str, typer.Option(metavar="max|mean", help="Keep the max or the mean predicted error lowest.")
     ] = "max",
     apply: Annotated[bool, typer.Option("--apply", help="Delete the files; without it, only report.")] = False,
+    prefix: Prefix = None,
 ) -> None:
     """Thin a snapshot folder to a disk budget, keeping the predicted error over a sigma_rel range lowest.
 
@@ -886,7 +911,7 @@ def prune_command(
     with _library_errors():
         the_plan = plan_retention(
             ckpt_dir, targets, budget=budget, max_snapshots=max_snapshots,
-            objective="max" if objective == "max" else "mean",
+            objective="max" if objective == "max" else "mean", prefix=prefix,
         )  # fmt: skip
         n_all = len(the_plan.keep) + len(the_plan.remove)
         typer.echo(f"{ckpt_dir}: {n_all} snapshots, {_gb(the_plan.bytes_before)}; errors at step {the_plan.step}")

@@ -193,7 +193,7 @@ def _check_consistent(snapshots: Sequence[SnapshotInfo]) -> None:
     if len(prefixes) > 1:
         raise SnapshotError(
             f"{snapshots[0].path.parent} holds the snapshots of {len(prefixes)} trackers (prefixes "
-            f"{', '.join(map(repr, prefixes))}); pass prefix= to synthesize one of them"
+            f"{', '.join(map(repr, prefixes))}); pass prefix= (--prefix on the command line) to choose one of them"
         )
     if (mixed := mixed_runs(snapshots)) is not None:
         raise SnapshotError(
