@@ -38,7 +38,7 @@ from posthoc_ema.plots import plot_error_curve, plot_profile, plot_sweep
 from posthoc_ema.profiles import same_sigma_rel
 from posthoc_ema.results import RESULTS_CSV, RESULTS_JSON, SweepRow
 from posthoc_ema.retention import apply_retention, estimate, plan_retention, sigma_rel_grid
-from posthoc_ema.sharded import parse_size, synthesize_sharded
+from posthoc_ema.sharded import existing_model_file, parse_size, synthesize_sharded
 from posthoc_ema.snapshots import SUFFIX
 from posthoc_ema.synthesis import (
     ERROR_WARNING_THRESHOLD,
@@ -352,9 +352,9 @@ def _check_shard_folders(folders: Sequence[Path], ckpt_dir: Path, *, force: bool
             raise ValueError(f"{folder} is the snapshot folder {ckpt_dir} or in it; write shards elsewhere")
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"{folder} is a file; --max-shard-size writes a folder of shards")
-        held = [name for name in ("model.safetensors", "model.safetensors.index.json") if (folder / name).exists()]
-        if held and not force:
-            raise ValueError(f"{folder / held[0]} exists; pass --force to replace it")
+        held = existing_model_file(folder)  # an index, model.safetensors or a shard
+        if held is not None and not force:
+            raise ValueError(f"{held} exists; pass --force to replace it")
 
 
 def _shard_folders(output: Path | None, the_plan: Plan) -> list[Path]:
@@ -472,10 +472,12 @@ def synthesize(
         if max_shard_size is not None:
             folders = _shard_folders(None if output is None else Path(output), the_plan)
             _check_shard_folders(folders, ckpt_dir, force=force)
-            with _progress_bar("synthesizing") as progress:
+            with _folders_made() as make, _progress_bar("synthesizing") as progress:
+                for folder in folders:
+                    make(folder)
                 written = synthesize_sharded(
                     the_plan, folders, max_shard_size=max_shard_size, device=device.value, dtype=dtype.value,
-                    progress=progress,
+                    progress=progress, overwrite=force,
                 )  # fmt: skip
             for path in written:
                 typer.echo(f"wrote {path}")

@@ -698,7 +698,7 @@ def save(
     if max_shard_size is not None:
         from posthoc_ema.sharded import save_sharded  # it builds on this module
 
-        save_sharded(path, state_dict, the_plan, index, max_shard_size=max_shard_size)
+        save_sharded(path, state_dict, the_plan, index, max_shard_size=max_shard_size, overwrite=overwrite)
         return
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in state_dict.items()}
     meta = the_plan.metadata(index)
