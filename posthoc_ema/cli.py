@@ -475,10 +475,14 @@ def synthesize(
             with _folders_made() as make, _progress_bar("synthesizing") as progress:
                 for folder in folders:
                     make(folder)
-                written = synthesize_sharded(
-                    the_plan, folders, max_shard_size=max_shard_size, device=device.value, dtype=dtype.value,
-                    progress=progress, overwrite=force,
-                )  # fmt: skip
+                try:
+                    written = synthesize_sharded(
+                        the_plan, folders, max_shard_size=max_shard_size, device=device.value, dtype=dtype.value,
+                        progress=progress, overwrite=force,
+                    )  # fmt: skip
+                except OSError as err:  # name the output folder, not a shard's temporary name
+                    where = Path(err.filename).parent if err.filename is not None else None
+                    raise OSError(err.errno, err.strerror or str(err), str(where) if where else None) from None
             for path in written:
                 typer.echo(f"wrote {path}")
             return

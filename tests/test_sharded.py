@@ -406,3 +406,16 @@ def test_cli_shards_need_force_and_leave_no_folder_on_failure(
     deep = tmp_path / "a" / "b"
     invoke("synthesize", folder, "-s", "0.08", "--max-shard-size", "40B", "-o", deep, code=1)
     assert not (tmp_path / "a").exists()
+
+
+def test_cli_shard_write_errors_name_the_folder(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import posthoc_ema.sharded
+
+    def failing_write(path: Path, tensors: object, metadata: object) -> None:
+        raise OSError(28, "No space left on device", str(path.with_name("." + path.name + ".tmp")))
+
+    monkeypatch.setattr(posthoc_ema.sharded, "write_atomic", failing_write)
+    out = tmp_path / "out"
+    _, err = invoke("synthesize", folder, "-s", "0.08", "--max-shard-size", "40B", "-o", out, code=1)
+    assert err == f"error: {out}: No space left on device\n"
+    assert not out.exists()
