@@ -276,12 +276,12 @@ def _output_paths(output: str | None, the_plan: Plan | CheckpointPlan) -> list[P
     return [folder / name for name in names]
 
 
-def _check_outputs(paths: Sequence[Path], ckpt_dir: Path, *, force: bool) -> None:
-    """Refuse, before any work, outputs in the snapshot folder and existing files (unless ``force``)."""
+def _check_outputs(paths: Sequence[Path], ckpt_dir: Path, *, force: bool, source: str = "snapshot folder") -> None:
+    """Refuse, before any work, outputs in the input folder (named ``source``) and existing files (unless ``force``)."""
     snapshot_folder = ckpt_dir.resolve()
     for path in paths:
         if path.parent.resolve() == snapshot_folder:
-            raise ValueError(f"{path} is in the snapshot folder {ckpt_dir}; write synthesized files elsewhere")
+            raise ValueError(f"{path} is in the {source} {ckpt_dir}; write synthesized files elsewhere")
     existing = [p for p in paths if p.exists() or p.is_symlink()]
     if existing and not force:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
@@ -830,7 +830,7 @@ def from_checkpoints_command(
             )
         typer.echo(the_plan.format_report())
         paths = _output_paths(output, the_plan)
-        _check_outputs(paths, run_dir, force=force)
+        _check_outputs(paths, run_dir, force=force, source="checkpoint folder")
         state_dicts = checkpoints.run_checkpoints(the_plan, key=key, device=device.value, dtype=dtype.value)
         with _folders_made() as make:
             for index, (target, path) in enumerate(zip(the_plan.sigma_rels, paths, strict=True)):

@@ -313,7 +313,7 @@ def test_cli_from_checkpoints_output_rules(tmp_path: Path) -> None:
     assert (tmp_path / "newdir" / "ema-0.1-1000.safetensors").is_file()
     # Never into RUN_DIR (a later run would read the output as a checkpoint).
     _, stderr = invoke("from-checkpoints", run, "-s", "0.1", "-o", f"{run}/", code=1)
-    assert "is in the snapshot folder" in stderr
+    assert f"is in the checkpoint folder {run}; write synthesized files elsewhere" in stderr
     assert not list(run.glob("ema-*"))
     # A failure after the folders were made leaves none behind, and names the file asked for, not a .tmp.
     deep = tmp_path / "a" / "b"
