@@ -32,8 +32,10 @@ loaded whole, memory-mapped when they are in the zip format, one at a time).
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
+import pickle
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -230,6 +232,12 @@ def _step_from(value: object) -> int | None:
 def _load_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:  # weights_only=True refuses the pickle: retrying would not help
+        raise SnapshotError(
+            f"{path}: weights_only=True refused to load this torch.save file, since it pickles more than tensors "
+            f"and plain containers ({str(err).splitlines()[0] if str(err) else type(err).__name__}); save the "
+            "state dict alone, or convert the checkpoint to safetensors"
+        ) from None
     except RuntimeError:
         pass  # not the zip format (mmap needs it), or not a torch file: retry without mmap for the message
     try:
@@ -301,6 +309,15 @@ def _read_step(path: Path, step_pattern: re.Pattern[str] | None, root: Path) -> 
     )
 
 
+def _is_synthesized(path: Path) -> bool:
+    """An EMA this library wrote (``format`` ``posthoc-ema/...`` other than a snapshot): not a checkpoint."""
+    if path.suffix != ".safetensors":
+        return False
+    meta, _ = read_header(path)
+    written_by_us = str(meta.get("format", "")).startswith("posthoc-ema/")
+    return written_by_us and meta.get("format") != SNAPSHOT_FORMAT  # a snapshot is refused by _read_step
+
+
 def find_checkpoints(
     run_dir: str | os.PathLike[str],
     *,
@@ -309,7 +326,9 @@ def find_checkpoints(
 ) -> list[CheckpointInfo]:
     """The checkpoints in ``run_dir`` with their steps, sorted by step.
 
-    A file is a checkpoint when its name ends in one of :data:`CHECKPOINT_SUFFIXES`.
+    A file is a checkpoint when its name ends in one of :data:`CHECKPOINT_SUFFIXES`;
+    EMAs this library wrote (safetensors ``format`` metadata starting with
+    ``posthoc-ema/``, snapshots apart, which are refused) are skipped.
     Its step comes from, in order: safetensors metadata ``step`` / ``global_step``;
     a ``step`` / ``global_step`` entry of a ``torch.save`` dict; the first group of
     ``step_pattern`` searched in its path relative to ``run_dir``.
@@ -345,6 +364,9 @@ def find_checkpoints(
         raise SnapshotError(
             f"{root}: no checkpoints (no file matching {glob!r} ending in {', '.join(CHECKPOINT_SUFFIXES)})"
         )
+    paths = [p for p in paths if not _is_synthesized(p)]
+    if not paths:
+        raise SnapshotError(f"{root}: no checkpoints (the files matching {glob!r} are all EMAs written by posthoc-ema)")
     found: dict[int, CheckpointInfo] = {}
     for path in paths:
         info = _read_step(path, pattern, root)
@@ -568,13 +590,40 @@ def from_checkpoints(
 FROM_CHECKPOINTS_FORMAT = "posthoc-ema/from-checkpoints"
 
 
-def save(path: str | os.PathLike[str], state_dict: StateDict, the_plan: CheckpointPlan, index: int) -> None:
+def save(
+    path: str | os.PathLike[str],
+    state_dict: StateDict,
+    the_plan: CheckpointPlan,
+    index: int,
+    *,
+    overwrite: bool = False,
+) -> None:
     """Write target ``index`` of a plan atomically as a self-describing safetensors file.
 
     The metadata says what it is: ``format`` (:data:`FROM_CHECKPOINTS_FORMAT`),
     ``sigma_rel``, ``gamma``, ``step``, ``interpolation``, ``checkpoints`` (how
     many were used) and ``effective_checkpoints``.
+
+    Args:
+        path: the file to write; never in a folder holding the plan's checkpoints.
+        state_dict: the EMA of that target.
+        the_plan: the plan it was built from.
+        index: which target of the plan.
+        overwrite: replace an existing file at ``path``; by default it is refused.
+
+    Raises:
+        FileExistsError: if ``path`` exists and ``overwrite`` is false.
+        ValueError: if ``path`` is in a folder of the plan's checkpoints.
+        OSError: if writing fails.
+
+    Example:
+        >>> save("ema-0.1.safetensors", sds[0.1], the_plan, 0)  # doctest: +SKIP
     """
+    path = Path(path)
+    if path.parent.resolve() in {c.path.parent.resolve() for c in the_plan.checkpoints}:
+        raise ValueError(f"{path} is in the checkpoint folder; write synthesized files elsewhere")
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise FileExistsError(errno.EEXIST, "the file exists; pass overwrite=True to replace it", str(path))
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in state_dict.items()}
     meta = {
         "format": FROM_CHECKPOINTS_FORMAT,

@@ -28,19 +28,20 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 
 from posthoc_ema._version import __version__
-from posthoc_ema.commands import command_sweep, target_weights_name
+from posthoc_ema.commands import command_sweep, target_weights_name, weights_name
 from posthoc_ema.folders import describe
 from posthoc_ema.plots import plot_error_curve, plot_profile, plot_sweep
+from posthoc_ema.profiles import same_sigma_rel
 from posthoc_ema.results import RESULTS_CSV, RESULTS_JSON, SweepRow
 from posthoc_ema.retention import apply_retention, estimate, plan_retention, sigma_rel_grid
 from posthoc_ema.schedules import Constant, HalfLife, Schedule, parse_schedule
-from posthoc_ema.sharded import parse_size, synthesize_sharded
+from posthoc_ema.sharded import existing_model_file, parse_size, synthesize_sharded
 from posthoc_ema.snapshots import SUFFIX
 from posthoc_ema.synthesis import (
     ERROR_WARNING_THRESHOLD,
@@ -52,6 +53,9 @@ from posthoc_ema.synthesis import (
     run,
     save,
 )
+
+if TYPE_CHECKING:
+    from posthoc_ema.checkpoints import CheckpointPlan
 
 __all__ = ["app", "classic_targets", "main", "parse_sigma_rels"]
 
@@ -335,13 +339,12 @@ def _label(the_plan: Plan, index: int) -> str:
     return the_plan.labels[index] if the_plan.is_classic(index) else _fmt(the_plan.sigma_rels[index])
 
 
-def _default_name(sigma_rel: float, step: int) -> str:
-    return f"ema-{float(sigma_rel)!r}-{int(step)}{SUFFIX}"
-
-
-def _output_paths(output: str | None, the_plan: Plan) -> list[Path]:
+def _output_paths(output: str | None, the_plan: Plan | CheckpointPlan) -> list[Path]:
     """Where ``synthesize`` writes: ``-o`` names a file for one target, unless it is a folder or ends with ``/``."""
-    names = [target_weights_name(the_plan, j) for j in range(len(the_plan.sigma_rels))]
+    if isinstance(the_plan, Plan):
+        names = [target_weights_name(the_plan, j) for j in range(len(the_plan.sigma_rels))]
+    else:  # plain checkpoints: power-function targets only
+        names = [weights_name(s, the_plan.step) for s in the_plan.sigma_rels]
     as_folder = output is not None and (output.endswith(("/", os.sep)) or Path(output).is_dir())
     if len(names) == 1 and not as_folder:
         return [Path(output) if output is not None else Path(names[0])]
@@ -349,12 +352,12 @@ def _output_paths(output: str | None, the_plan: Plan) -> list[Path]:
     return [folder / name for name in names]
 
 
-def _check_outputs(paths: Sequence[Path], ckpt_dir: Path, *, force: bool) -> None:
-    """Refuse, before any work, outputs in the snapshot folder and existing files (unless ``force``)."""
+def _check_outputs(paths: Sequence[Path], ckpt_dir: Path, *, force: bool, source: str = "snapshot folder") -> None:
+    """Refuse, before any work, outputs in the input folder (named ``source``) and existing files (unless ``force``)."""
     snapshot_folder = ckpt_dir.resolve()
     for path in paths:
         if path.parent.resolve() == snapshot_folder:
-            raise ValueError(f"{path} is in the snapshot folder {ckpt_dir}; write synthesized files elsewhere")
+            raise ValueError(f"{path} is in the {source} {ckpt_dir}; write synthesized files elsewhere")
     existing = [p for p in paths if p.exists() or p.is_symlink()]
     if existing and not force:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
@@ -392,10 +395,12 @@ def _check_device(device: Device) -> None:
             raise ValueError("--device cuda: no CUDA device is available to PyTorch")
 
 
-def _checked_plan(ckpt_dir: Path, targets: float | Sequence[float | Schedule], step: int | None) -> Plan:
+def _checked_plan(
+    ckpt_dir: Path, targets: float | Sequence[float | Schedule], step: int | None, prefix: str | None = None
+) -> Plan:
     """:func:`plan`, refusing targets too narrow to compute in float64 (NumPy's warnings kept inside)."""
     with np.errstate(all="ignore"):
-        the_plan = plan(ckpt_dir, targets, step=step)
+        the_plan = plan(ckpt_dir, targets, step=step, prefix=prefix)
     bad = [j for j, e in enumerate(the_plan.errors) if not math.isfinite(float(e)) and not the_plan.is_classic(j)]
     if bad:
         sigma_rel, gamma = float(the_plan.sigma_rels[bad[0]]), float(the_plan.gammas[bad[0]])
@@ -423,14 +428,14 @@ def _check_shard_folders(folders: Sequence[Path], ckpt_dir: Path, *, force: bool
             raise ValueError(f"{folder} is the snapshot folder {ckpt_dir} or in it; write shards elsewhere")
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"{folder} is a file; --max-shard-size writes a folder of shards")
-        held = [name for name in ("model.safetensors", "model.safetensors.index.json") if (folder / name).exists()]
-        if held and not force:
-            raise ValueError(f"{folder / held[0]} exists; pass --force to replace it")
+        held = existing_model_file(folder)  # an index, model.safetensors or a shard
+        if held is not None and not force:
+            raise ValueError(f"{held} exists; pass --force to replace it")
 
 
 def _shard_folders(output: Path | None, the_plan: Plan) -> list[Path]:
     """One folder of shards per target: ``-o`` itself for one target, else ema-SIGMA-STEP/ inside ``-o``."""
-    names = [_default_name(s, the_plan.step).removesuffix(SUFFIX) for s in the_plan.sigma_rels]
+    names = [weights_name(s, the_plan.step).removesuffix(SUFFIX) for s in the_plan.sigma_rels]
     if len(names) == 1 and output is not None:
         return [output]
     folder = output if output is not None else Path(".")
@@ -527,6 +532,16 @@ def _all_targets(
     return targets
 
 
+Prefix = Annotated[
+    str | None,
+    typer.Option(
+        metavar="PREFIX",
+        help="Use the snapshots of this tracker prefix only (a folder shared by several trackers, e.g. a GAN's).",
+        show_default=False,
+    ),
+]
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"posthoc-ema {__version__}")
@@ -562,6 +577,7 @@ def synthesize(
         ),
     ] = None,
     step: Step = None,
+    prefix: Prefix = None,
     device: Annotated[Device, typer.Option(help="Where to accumulate.")] = Device.cpu,
     dtype: Annotated[OutputDtype, typer.Option(help="Dtype of the floating tensors written.")] = OutputDtype.float32,
     force: Annotated[bool, typer.Option("--force", help="Replace output files that exist.")] = False,
@@ -597,7 +613,7 @@ def synthesize(
     with _library_errors():
         _check_device(device)
         with _shown_warnings():
-            the_plan = _checked_plan(ckpt_dir, targets, step)
+            the_plan = _checked_plan(ckpt_dir, targets, step, prefix)
             _print_report(the_plan)
         if dry_run:
             _print_coefficients(the_plan)
@@ -605,11 +621,17 @@ def synthesize(
         if max_shard_size is not None:
             folders = _shard_folders(None if output is None else Path(output), the_plan)
             _check_shard_folders(folders, ckpt_dir, force=force)
-            with _progress_bar("synthesizing") as progress:
-                written = synthesize_sharded(
-                    the_plan, folders, max_shard_size=max_shard_size, device=device.value, dtype=dtype.value,
-                    progress=progress,
-                )  # fmt: skip
+            with _folders_made() as make, _progress_bar("synthesizing") as progress:
+                for folder in folders:
+                    make(folder)
+                try:
+                    written = synthesize_sharded(
+                        the_plan, folders, max_shard_size=max_shard_size, device=device.value, dtype=dtype.value,
+                        progress=progress, overwrite=force,
+                    )  # fmt: skip
+                except OSError as err:  # name the output folder, not a shard's temporary name
+                    where = Path(err.filename).parent if err.filename is not None else None
+                    raise OSError(err.errno, err.strerror or str(err), str(where) if where else None) from None
             for path in written:
                 typer.echo(f"wrote {path}")
             return
@@ -757,6 +779,7 @@ def sweep_command(
         ),
     ] = Path("sweep"),
     step: Step = None,
+    prefix: Prefix = None,
     timeout: Annotated[
         float | None,
         typer.Option(
@@ -789,7 +812,7 @@ def sweep_command(
         _check_device(device)
         with warnings.catch_warnings():  # command_sweep plans again, and warns then
             warnings.simplefilter("ignore", PoorReconstructionWarning)
-            _checked_plan(ckpt_dir, targets, step)  # headers only: refuse bad targets before any work
+            _checked_plan(ckpt_dir, targets, step, prefix)  # headers only: refuse bad targets before any work
         result = command_sweep(
             ckpt_dir,
             targets,
@@ -798,6 +821,7 @@ def sweep_command(
             metric=metric,
             maximize=maximize,
             step=step,
+            prefix=prefix,
             timeout=timeout,
             keep_weights=keep_weights,
             device=device.value,
@@ -863,6 +887,7 @@ def plot_command(
         ),
     ] = None,
     step: Step = None,
+    prefix: Prefix = None,
 ) -> None:
     """Draw a reconstructed EMA profile (--sigma-rel) or the predicted error across sigma_rel (--error-curve)."""
     grid: list[float] | None = error_curve  # type: ignore[assignment]  # converted by the callback
@@ -876,12 +901,20 @@ def plot_command(
                 path = _image_path(output, "error-curve.png")
                 with warnings.catch_warnings():  # the curve shows the errors; no warning per target
                     warnings.simplefilter("ignore", PoorReconstructionWarning)
-                    _checked_plan(ckpt_dir, grid, step)
-                plot_error_curve(ckpt_dir, grid, path, step=step)
+                    curve = _checked_plan(ckpt_dir, grid, step, prefix)
+                    # Add the tracked sigma_rels inside the grid, where the error drops to 0 (as plot_error_curve does).
+                    extra = [
+                        s
+                        for s in curve.tracked_sigma_rels
+                        if min(grid) <= s <= max(grid) and not any(same_sigma_rel(s, g) for g in grid)
+                    ]
+                    if extra:
+                        curve = plan(ckpt_dir, [*grid, *extra], step=curve.step, prefix=prefix)
+                plot_error_curve(curve, None, path)
             elif sigma_rel is not None:
                 path = _image_path(output, f"profile-{sigma_rel!r}.png")
                 with _shown_warnings():
-                    the_plan = _checked_plan(ckpt_dir, sigma_rel, step)
+                    the_plan = _checked_plan(ckpt_dir, sigma_rel, step, prefix)
                 plot_profile(the_plan, 0, path)
         except ImportError as err:
             typer.secho(f"error: {_one_line(err)}", fg="red", err=True)
@@ -908,8 +941,15 @@ def from_checkpoints_command(
     ],
     sigma_rel: SigmaRels,
     output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", metavar="PATH", help="Output file (one target) or folder.", show_default=False),
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="PATH",
+            help="Output file (one target), or folder (several targets, or a path ending in /). "
+            "Default: ema-SIGMA-STEP.safetensors, here.",
+            show_default=False,
+        ),
     ] = None,
     key: Annotated[
         str | None, typer.Option(help="Entry of torch.save files holding the state dict, e.g. state_dict.")
@@ -922,19 +962,28 @@ def from_checkpoints_command(
         InterpolationChoice, typer.Option(help="The trajectory assumed between checkpoints.")
     ] = InterpolationChoice.piecewise_constant,
     step: Step = None,
+    device: Annotated[Device, typer.Option(help="Where to accumulate.")] = Device.cpu,
     dtype: Annotated[OutputDtype, typer.Option(help="Dtype of the floating tensors written.")] = OutputDtype.float32,
+    force: Annotated[bool, typer.Option("--force", help="Replace output files that exist.")] = False,
 ) -> None:
     """The EMA of each target sigma_rel from plain checkpoints of a finished run (no tracker needed).
 
     Each checkpoint is a sample of the trajectory, weighted by the target profile
     integrated against the interpolation. Prints how well the checkpoints resolve
     each target (effective number of checkpoints, profile mass per interval).
-    The same as ``synthesize --from-checkpoints`` in the issue's wording.
+    Existing files are not replaced unless --force is given, and nothing is
+    written into RUN_DIR.
     """
     from posthoc_ema import checkpoints
 
     targets: list[float] = sigma_rel  # type: ignore[assignment]  # converted by the callback
+    if len(targets) > 1 and output is not None and Path(output).exists() and not Path(output).is_dir():
+        raise typer.BadParameter(
+            f"{output} is a file; with {len(targets)} targets -o must be a folder (one file per target)",
+            param_hint="'-o' / '--output'",
+        )
     with _library_errors():
+        _check_device(device)
         with _shown_warnings():
             the_plan = checkpoints.plan_checkpoints(
                 run_dir,
@@ -945,16 +994,17 @@ def from_checkpoints_command(
                 step=step,
             )
         typer.echo(the_plan.format_report())
-        names = [_default_name(s, the_plan.step) for s in the_plan.sigma_rels]
-        if len(names) == 1 and (output is None or not output.is_dir()):
-            paths = [output if output is not None else Path(names[0])]
-        else:
-            paths = [(output if output is not None else Path(".")) / name for name in names]
-        state_dicts = checkpoints.run_checkpoints(the_plan, key=key, dtype=dtype.value)
-        for index, (target, path) in enumerate(zip(the_plan.sigma_rels, paths, strict=True)):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            checkpoints.save(path, state_dicts[target], the_plan, index)
-            typer.echo(f"wrote {path}")
+        paths = _output_paths(output, the_plan)
+        _check_outputs(paths, run_dir, force=force, source="checkpoint folder")
+        state_dicts = checkpoints.run_checkpoints(the_plan, key=key, device=device.value, dtype=dtype.value)
+        with _folders_made() as make:
+            for index, (target, path) in enumerate(zip(the_plan.sigma_rels, paths, strict=True)):
+                make(path.parent)
+                try:
+                    checkpoints.save(path, state_dicts[target], the_plan, index, overwrite=force)
+                except OSError as err:  # name the file asked for, not its temporary name
+                    raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+                typer.echo(f"wrote {path}")
 
 
 # -- disk budget -----------------------------------------------------------------------
@@ -1016,6 +1066,7 @@ def prune_command(
         str, typer.Option(metavar="max|mean", help="Keep the max or the mean predicted error lowest.")
     ] = "max",
     apply: Annotated[bool, typer.Option("--apply", help="Delete the files; without it, only report.")] = False,
+    prefix: Prefix = None,
 ) -> None:
     """Thin a snapshot folder to a disk budget, keeping the predicted error over a sigma_rel range lowest.
 
@@ -1031,7 +1082,7 @@ def prune_command(
     with _library_errors():
         the_plan = plan_retention(
             ckpt_dir, targets, budget=budget, max_snapshots=max_snapshots,
-            objective="max" if objective == "max" else "mean",
+            objective="max" if objective == "max" else "mean", prefix=prefix,
         )  # fmt: skip
         n_all = len(the_plan.keep) + len(the_plan.remove)
         typer.echo(f"{ckpt_dir}: {n_all} snapshots, {_gb(the_plan.bytes_before)}; errors at step {the_plan.step}")

@@ -24,8 +24,10 @@ exactly, with :func:`~posthoc_ema.profiles.solve_coefficients` as synthesis does
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,7 +40,7 @@ from posthoc_ema import profiles
 from posthoc_ema.dtypes import parse_dtype
 from posthoc_ema.errors import SnapshotError
 from posthoc_ema.sharded import parse_size
-from posthoc_ema.snapshots import SnapshotInfo, list_snapshots
+from posthoc_ema.snapshots import SnapshotInfo
 
 __all__ = [
     "Estimate",
@@ -249,8 +251,14 @@ def plan_retention(
     budget: int | str | None = None,
     max_snapshots: int | None = None,
     objective: Objective = "max",
+    prefix: str | None = None,
 ) -> RetentionPlan:
     """Choose which snapshots of a folder to keep under a budget; deletes nothing.
+
+    The snapshots planned over are the ones synthesis uses
+    (:func:`~posthoc_ema.synthesis.plan`): those of one tracker prefix and one
+    training run. Snapshots of EMAs added on resume (``start_step`` > 0) are left
+    out of the plan, so they are neither kept in the budget nor deleted.
 
     Args:
         snapshot_dir: folder of snapshots.
@@ -260,13 +268,16 @@ def plan_retention(
             :func:`~posthoc_ema.sharded.parse_size`).
         max_snapshots: most snapshot files to keep.
         objective: minimise the ``"max"`` (default) or ``"mean"`` predicted error over ``sigma_rels``.
+        prefix: plan over the snapshots of this tracker prefix only; needed when
+            several trackers share the folder (a GAN's generator and discriminator).
 
     Returns:
         A :class:`RetentionPlan`; pass it to :func:`apply_retention` to delete.
 
     Raises:
         ValueError: for a bad budget or sigma_rel, or a budget the latest step's snapshots alone exceed.
-        SnapshotError: for a missing or empty folder, or a corrupt snapshot.
+        SnapshotError: for a missing or empty folder, a corrupt snapshot, or snapshots
+            of several trackers (without ``prefix``) or of several training runs.
 
     Example:
         >>> p = plan_retention("ckpts", sigma_rel_grid(0.03, 0.25), budget="50GB")  # doctest: +SKIP
@@ -278,9 +289,7 @@ def plan_retention(
     max_bytes = None if budget is None else parse_size(budget)
     if max_snapshots is not None and max_snapshots < 1:
         raise ValueError(f"max_snapshots={max_snapshots} must be at least 1")
-    found = list_snapshots(snapshot_dir)
-    if not found:
-        raise SnapshotError(f"{snapshot_dir}: no snapshots (no .safetensors file with posthoc-ema snapshot metadata)")
+    found = list(_planned_snapshots(snapshot_dir, targets[0], prefix))
     steps = np.array([i.step for i in found], dtype=np.float64)
     sigmas = np.array([i.sigma_rel for i in found])
     sizes = np.array([i.path.stat().st_size for i in found], dtype=np.float64)
@@ -303,15 +312,50 @@ def plan_retention(
     )
 
 
+def _planned_snapshots(
+    snapshot_dir: str | os.PathLike[str], target: float, prefix: str | None
+) -> Sequence[SnapshotInfo]:
+    """The snapshots synthesis would combine at the latest step: one prefix, one run, no EMA added on resume."""
+    from posthoc_ema.errors import PoorReconstructionWarning
+    from posthoc_ema.synthesis import plan  # one selection rule, synthesis's
+
+    with warnings.catch_warnings():  # the target is only there to make a plan; its error is not the point
+        warnings.simplefilter("ignore", PoorReconstructionWarning)
+        return plan(snapshot_dir, target, prefix=prefix).snapshots
+
+
 def apply_retention(the_plan: RetentionPlan) -> list[Path]:
     """Delete the snapshot files a :class:`RetentionPlan` removes; returns them.
 
-    Each file is checked to still be the snapshot planned (same step and
-    sigma_rel) just before it is deleted.
+    The folder lock of the tracker prefix (the one :class:`~posthoc_ema.PostHocEMA`
+    holds while it writes snapshots) is held while deleting, so a live tracker
+    and a deletion never run at once. Each file is checked to still be the
+    snapshot planned (same step and sigma_rel) just before it is deleted.
 
     Raises:
-        SnapshotError: for a file that changed since the plan was made (nothing more is deleted).
+        SnapshotError: if a tracker is writing snapshots of that prefix in the
+            folder, or for a file that changed since the plan was made (nothing
+            more is deleted).
     """
+    if not the_plan.remove:
+        return []
+    from posthoc_ema.writer import FolderLock
+
+    with contextlib.ExitStack() as stack:
+        for folder, prefix in sorted({(i.path.parent, i.prefix) for i in the_plan.remove}):
+            lock = FolderLock(folder, f".{prefix}.lock")
+            try:
+                lock.acquire()
+            except SnapshotError:
+                raise SnapshotError(
+                    f"{folder}: a tracker (prefix {prefix!r}) is writing snapshots there; "
+                    "prune once it has stopped (nothing was deleted)"
+                ) from None
+            stack.callback(lock.release)
+        return _delete(the_plan)
+
+
+def _delete(the_plan: RetentionPlan) -> list[Path]:
     from posthoc_ema.snapshots import read_info
 
     deleted = []

@@ -32,6 +32,7 @@ plain model (three lines)::
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -52,6 +53,7 @@ from posthoc_ema.synthesis import Plan, StateDict, run
 __all__ = [
     "INDEX_NAME",
     "SINGLE_NAME",
+    "existing_model_file",
     "load_sharded",
     "parse_size",
     "save_sharded",
@@ -156,6 +158,34 @@ def _shard_metadata(meta: Mapping[str, str]) -> dict[str, str]:
     return {**meta, "format": "pt", "posthoc_ema_format": SYNTHESIZED_FORMAT}
 
 
+def existing_model_file(folder: str | os.PathLike[str]) -> Path | None:
+    """A file of ``folder`` that a sharded output would replace (index, single file or a shard); None if none.
+
+    Example:
+        >>> existing_model_file("ema-0.1")  # doctest: +SKIP
+        PosixPath('ema-0.1/model-00001-of-00003.safetensors')
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    for name in (INDEX_NAME, SINGLE_NAME):
+        if (folder / name).exists():
+            return folder / name
+    return next((p for p in sorted(folder.iterdir()) if _SHARD_NAME.fullmatch(p.name)), None)
+
+
+def _check_folder(folder: Path, the_plan: Plan, *, overwrite: bool) -> None:
+    """Refuse a file, the snapshot folder or a folder in it, and (unless ``overwrite``) a folder holding a model."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; a sharded output is a folder")
+    snapshot_folders = {s.path.parent.resolve() for s in the_plan.snapshots}
+    if folder.resolve() in snapshot_folders or folder.resolve().parent in snapshot_folders:
+        raise ValueError(f"{folder} is the snapshot folder or in it; write shards elsewhere")
+    existing = existing_model_file(folder)
+    if existing is not None and not overwrite:
+        raise FileExistsError(errno.EEXIST, "the file exists; pass overwrite=True to replace it", str(existing))
+
+
 def _prepare(folder: Path) -> None:
     """Make ``folder`` and remove its index and single file, so no loader sees a half-written output."""
     if folder.exists() and not folder.is_dir():
@@ -187,6 +217,7 @@ def save_sharded(
     index: int,
     *,
     max_shard_size: int | str,
+    overwrite: bool = False,
 ) -> Path:
     """Write target ``index`` of a plan as a sharded folder in the Hugging Face layout.
 
@@ -198,18 +229,23 @@ def save_sharded(
         the_plan: the plan they come from.
         index: which of its targets they are.
         max_shard_size: most bytes per shard, e.g. ``"2GB"`` (see :func:`parse_size`).
+        overwrite: replace a model already in ``folder`` (its index, ``model.safetensors``
+            or ``model-XXXXX-of-XXXXX.safetensors`` shards); by default it is refused.
 
     Returns:
         The index file, or ``model.safetensors`` when everything fits in one shard.
 
     Raises:
-        ValueError: for a bad ``max_shard_size``, or a ``folder`` that is a file.
+        ValueError: for a bad ``max_shard_size``, a ``folder`` that is a file, or the
+            snapshot folder (or a folder in it).
+        FileExistsError: if ``folder`` holds a model and ``overwrite`` is false.
 
     Example:
         >>> save_sharded("ema-0.1", sds[0.1], the_plan, 0, max_shard_size="2GB")  # doctest: +SKIP
         PosixPath('ema-0.1/model.safetensors.index.json')
     """
     out = Path(folder)
+    _check_folder(out, the_plan, overwrite=overwrite)
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in state_dict.items()}
     groups = split_into_shards({k: t.numel() * t.element_size() for k, t in tensors.items()}, max_shard_size)
     dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
@@ -244,6 +280,7 @@ def synthesize_sharded(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str = torch.float32,
     progress: Callable[[int, int], None] | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Synthesize every target of a plan into its own sharded folder, one shard at a time.
 
@@ -261,13 +298,17 @@ def synthesize_sharded(
         device: where to accumulate; default CPU.
         dtype: dtype of the floating tensors written.
         progress: called with (work done, total work) as the passes go on.
+        overwrite: replace models already in the folders (see :func:`save_sharded`);
+            by default a folder holding one is refused before any work.
 
     Returns:
         Each target's index file (or ``model.safetensors`` if one shard holds it all).
 
     Raises:
         ValueError: for a bad ``max_shard_size`` or ``dtype``, a number of folders
-            other than the number of targets, or a folder that is a file.
+            other than the number of targets, a folder that is a file, or the
+            snapshot folder (or a folder in it).
+        FileExistsError: if a folder holds a model and ``overwrite`` is false.
         SnapshotError: for a snapshot that cannot be read.
 
     Example:
@@ -278,6 +319,8 @@ def synthesize_sharded(
     outs = [Path(f) for f in folders]
     if len(outs) != len(the_plan.sigma_rels):
         raise ValueError(f"{len(outs)} output folders for {len(the_plan.sigma_rels)} targets; give one per target")
+    for folder in outs:
+        _check_folder(folder, the_plan, overwrite=overwrite)
     latest = the_plan.snapshots[-1]
     order = sorted(latest.tensors, key=latest.offsets.__getitem__)
 

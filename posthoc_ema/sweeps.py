@@ -199,6 +199,7 @@ def sweep(
     memory_budget: int | None = None,
     batch_size: int | None = None,
     on_row: Callable[[SweepRow], None] | None = None,
+    prefix: str | None = None,
 ) -> SweepResult:
     """Synthesize the EMA of each sigma_rel, evaluate it, and tabulate the results.
 
@@ -225,6 +226,8 @@ def sweep(
             :data:`DEFAULT_MEMORY_BUDGET` (2 GiB).
         batch_size: targets per pass over the snapshots; overrides ``memory_budget``.
         on_row: called with each :class:`SweepRow` as soon as it is evaluated.
+        prefix: use the snapshots of this tracker prefix only, as for
+            :func:`~posthoc_ema.synthesis.plan` (needed for a folder shared by several trackers).
 
     Returns:
         A :class:`SweepResult`, rows sorted by sigma_rel, then the classic
@@ -249,7 +252,7 @@ def sweep(
         >>> result.best.sigma_rel  # doctest: +SKIP
         0.13
     """
-    the_plan = plan(snapshot_dir, sigma_rels, step=step)
+    the_plan = plan(snapshot_dir, sigma_rels, step=step, prefix=prefix)
     out_dtype = parse_dtype(dtype)
     return _run_plan(
         the_plan,

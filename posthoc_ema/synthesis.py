@@ -306,7 +306,7 @@ def _check_consistent(snapshots: Sequence[SnapshotInfo]) -> None:
     if len(prefixes) > 1:
         raise SnapshotError(
             f"{snapshots[0].path.parent} holds the snapshots of {len(prefixes)} trackers (prefixes "
-            f"{', '.join(map(repr, prefixes))}); pass prefix= to synthesize one of them"
+            f"{', '.join(map(repr, prefixes))}); pass prefix= (--prefix on the command line) to choose one of them"
         )
     if (mixed := mixed_runs(snapshots)) is not None:
         raise SnapshotError(
@@ -943,7 +943,7 @@ def save(
     if max_shard_size is not None:
         from posthoc_ema.sharded import save_sharded  # it builds on this module
 
-        save_sharded(path, state_dict, the_plan, index, max_shard_size=max_shard_size)
+        save_sharded(path, state_dict, the_plan, index, max_shard_size=max_shard_size, overwrite=overwrite)
         return
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in state_dict.items()}
     meta = the_plan.metadata(index)

@@ -294,3 +294,75 @@ def test_cli_from_checkpoints(tmp_path: Path) -> None:
     assert got.keys() == expected.keys()
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
+
+
+def test_cli_from_checkpoints_output_rules(tmp_path: Path) -> None:
+    """As for synthesize: no silent replacement, -o DIR/ is a folder, never into RUN_DIR, no stray folders."""
+    from helpers import invoke
+
+    run = _write_run(tmp_path / "run", 10)
+    out = tmp_path / "ema.safetensors"
+    out.write_bytes(b"keep me")
+    _, stderr = invoke("from-checkpoints", run, "-s", "0.1", "-o", out, code=1)
+    assert f"{out} exists; pass --force to replace it" in stderr
+    assert out.read_bytes() == b"keep me"
+    invoke("from-checkpoints", run, "-s", "0.1", "-o", out, "--force")
+    assert posthoc_ema.checkpoints.FROM_CHECKPOINTS_FORMAT in out.read_bytes()[:2000].decode("latin-1")
+    # -o newdir/ writes a file inside a new folder, named as the default.
+    invoke("from-checkpoints", run, "-s", "0.1", "-o", f"{tmp_path / 'newdir'}/")
+    assert (tmp_path / "newdir" / "ema-0.1-1000.safetensors").is_file()
+    # Never into RUN_DIR (a later run would read the output as a checkpoint).
+    _, stderr = invoke("from-checkpoints", run, "-s", "0.1", "-o", f"{run}/", code=1)
+    assert f"is in the checkpoint folder {run}; write synthesized files elsewhere" in stderr
+    assert not list(run.glob("ema-*"))
+    # A failure after the folders were made leaves none behind, and names the file asked for, not a .tmp.
+    deep = tmp_path / "a" / "b"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(posthoc_ema.checkpoints, "write_atomic", _failing_write)
+        _, stderr = invoke("from-checkpoints", run, "-s", "0.1", "-o", deep / "ema.safetensors", code=1)
+    assert not (tmp_path / "a").exists()
+    assert ".tmp" not in stderr and str(deep / "ema.safetensors") in stderr
+
+
+def _failing_write(path: Path, tensors: object, metadata: object) -> None:
+    raise OSError(28, "No space left on device", str(path) + ".tmp")
+
+
+def test_synthesized_files_in_the_run_folder_are_not_checkpoints(tmp_path: Path) -> None:
+    run = _write_run(tmp_path / "run", 40)
+    the_plan = plan_checkpoints(run, [0.1])
+    sds = posthoc_ema.checkpoints.run_checkpoints(the_plan)
+    elsewhere = tmp_path / "ema.safetensors"
+    posthoc_ema.checkpoints.save(elsewhere, sds[0.1], the_plan, 0)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        posthoc_ema.checkpoints.save(elsewhere, sds[0.1], the_plan, 0)
+    posthoc_ema.checkpoints.save(elsewhere, sds[0.1], the_plan, 0, overwrite=True)
+    with pytest.raises(ValueError, match="checkpoint folder"):
+        posthoc_ema.checkpoints.save(run / "ema.safetensors", sds[0.1], the_plan, 0)
+    # An EMA carrying step metadata that landed in the run folder anyway (copied there) is skipped.
+    (run / "ema-copy.safetensors").write_bytes(elsewhere.read_bytes())
+    assert [c.path for c in find_checkpoints(run)] == [c.path for c in the_plan.checkpoints]
+
+
+def test_cli_from_checkpoints_device_option(tmp_path: Path) -> None:
+    from helpers import invoke
+
+    run = _write_run(tmp_path / "run", 10)
+    invoke("from-checkpoints", run, "-s", "0.1", "--device", "cpu", "-o", tmp_path / "ema.safetensors")
+    if not torch.cuda.is_available():
+        _, stderr = invoke("from-checkpoints", run, "-s", "0.1", "--device", "cuda", "-o", tmp_path / "x", code=1)
+        assert "no CUDA device" in stderr
+
+
+def test_cli_names_a_pickle_weights_only_refuses(tmp_path: Path) -> None:
+    from helpers import invoke
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"step": 1, "w": torch.ones(2), "odd": _Unpicklable()}, run / "ckpt.pt")
+    _, stderr = invoke("from-checkpoints", run, "-s", "0.1", "-o", tmp_path / "ema.safetensors", code=1)
+    assert f"{run / 'ckpt.pt'}: weights_only=True refused" in stderr
+
+
+class _Unpicklable:
+    """A class weights_only=True will not unpickle."""

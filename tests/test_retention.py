@@ -22,6 +22,7 @@ from posthoc_ema.retention import (
     select_snapshots,
     sigma_rel_grid,
 )
+from posthoc_ema.snapshots import DEFAULT_PREFIX
 
 TRACKED = (0.05, 0.10)
 RANGE = sigma_rel_grid(0.03, 0.25, 9)
@@ -127,7 +128,8 @@ def test_pruning_keeps_the_error_it_reports(run40: Path) -> None:
     assert len(retention.keep) == 12 and len(retention.remove) == 68
     deleted = apply_retention(retention)
     assert sorted(deleted) == sorted(i.path for i in retention.remove)
-    assert sorted(run40.iterdir()) == sorted(i.path for i in retention.keep)
+    assert sorted(run40.glob("*.safetensors")) == sorted(i.path for i in retention.keep)
+    assert (run40 / f".{DEFAULT_PREFIX}.lock").is_file()  # the lock taken while deleting stays, as a tracker's does
     # Planning on what is left gives the predicted error reported, at the same step.
     with pytest.warns(UserWarning, match="predicted relative error above"):
         after = plan(run40, RANGE)
@@ -218,13 +220,13 @@ def test_prune_is_a_dry_run_without_apply(run40: Path) -> None:
     assert f"keeping the newest 12 instead: max {retention.errors_last.max():.2%}" in out
     out, _ = invoke("prune", run40, "--sigma-rel", "0.03:0.25", "--max-snapshots", "12", "--apply")
     assert out.count("deleted ") == 68
-    assert sorted(run40.iterdir()) == sorted(i.path for i in retention.keep)
+    assert sorted(run40.glob("*.safetensors")) == sorted(i.path for i in retention.keep)
 
 
 def test_prune_budget_in_bytes(run40: Path) -> None:
     size = next(run40.iterdir()).stat().st_size
     invoke("prune", run40, "-s", "0.05,0.1,0.2", "--budget", f"{20 * size}B", "--apply")
-    assert len(list(run40.iterdir())) == 20
+    assert len(list(run40.glob("*.safetensors"))) == 20
 
 
 @pytest.mark.parametrize(
@@ -259,3 +261,84 @@ def test_estimate_command() -> None:
     assert f"max {result.errors.max():.2%}" in out
     assert result.errors_last is not None and f"max {result.errors_last.max():.2%}" in out
     assert profiles.canonical_sigma_rel(0.03) in result.sigma_rels
+
+
+# -- which snapshots a plan covers, and the folder lock ------------------------------------------
+
+
+def _write(folder: Path, step: int, sigma_rel: float, **fields: object) -> Path:
+    """A snapshot with the given prefix / run_id / start_step metadata."""
+    from posthoc_ema import sigma_rel_to_gamma
+    from posthoc_ema._version import __version__
+    from posthoc_ema.snapshots import SnapshotInfo, snapshot_name, write_atomic
+
+    prefix = str(fields.get("prefix", DEFAULT_PREFIX))
+    info = SnapshotInfo(
+        path=folder / snapshot_name(step, sigma_rel, prefix),
+        step=step,
+        sigma_rel=sigma_rel,
+        gamma=float(sigma_rel_to_gamma(sigma_rel)),
+        dtype="float32",
+        update_every=1,
+        library_version=__version__,
+        **fields,  # type: ignore[arg-type]
+    )
+    write_atomic(info.path, {"w": torch.full((3,), float(step))}, info.metadata())
+    return info.path
+
+
+def _gan_folder(folder: Path) -> Path:
+    folder.mkdir()
+    for k in range(1, 11):
+        for sigma_rel in TRACKED:
+            _write(folder, 100 * k, sigma_rel, prefix="gen", run_id="a")
+            _write(folder, 100 * k, sigma_rel, prefix="disc", run_id="b")
+    return folder
+
+
+def test_a_folder_of_two_trackers_needs_a_prefix(tmp_path: Path) -> None:
+    folder = _gan_folder(tmp_path / "gan")
+    with pytest.raises(SnapshotError, match=r"2 trackers .*pass prefix= \(--prefix on the command line\)"):
+        plan_retention(folder, RANGE, max_snapshots=6)
+    retention = plan_retention(folder, RANGE, max_snapshots=6, prefix="gen")
+    assert {i.prefix for i in (*retention.keep, *retention.remove)} == {"gen"}
+    assert len(retention.keep) + len(retention.remove) == 20
+    apply_retention(retention)
+    assert len(list(folder.glob("disc-*"))) == 20 and len(list(folder.glob("gen-*"))) == 6
+    # The CLI says how to choose, and takes --prefix.
+    _, err = invoke("prune", folder, "-s", "0.05:0.2", "--max-snapshots", "4", code=1)
+    assert "pass prefix= (--prefix on the command line)" in err
+    out, _ = invoke("prune", folder, "-s", "0.05:0.2", "--max-snapshots", "4", "--prefix", "disc", "--apply")
+    assert out.count("deleted ") == 16 and len(list(folder.glob("gen-*"))) == 6
+
+
+def test_mixed_runs_are_refused_and_late_emas_left_alone(tmp_path: Path) -> None:
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for k in range(1, 6):
+        _write(mixed, 100 * k, 0.05, run_id="a")
+        _write(mixed, 100 * k + 50, 0.1, run_id="b")
+    with pytest.raises(SnapshotError, match="run"):
+        plan_retention(mixed, RANGE, max_snapshots=4)
+    late = tiny_run(tmp_path / "late", n_steps=10, every=100)
+    added = [_write(late, 100 * k, 0.2, start_step=500) for k in range(6, 11)]
+    retention = plan_retention(late, RANGE, max_snapshots=4)
+    planned = {i.path for i in (*retention.keep, *retention.remove)}
+    assert planned.isdisjoint(added) and len(planned) == 20
+    apply_retention(retention)
+    assert all(p.exists() for p in added)
+
+
+def test_apply_waits_for_no_tracker(run40: Path) -> None:
+    from posthoc_ema.writer import FolderLock
+
+    retention = plan_retention(run40, RANGE, max_snapshots=12)
+    lock = FolderLock(run40, f".{DEFAULT_PREFIX}.lock")  # as a live tracker holds it
+    lock.acquire()
+    try:
+        with pytest.raises(SnapshotError, match=r"a tracker \(prefix 'phema'\) is writing snapshots there"):
+            apply_retention(retention)
+        assert all(i.path.exists() for i in retention.remove)
+    finally:
+        lock.release()
+    assert len(apply_retention(retention)) == 68

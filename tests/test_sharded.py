@@ -26,6 +26,7 @@ from posthoc_ema.sharded import (
     SINGLE_NAME,
     load_sharded,
     parse_size,
+    save_sharded,
     shard_names,
     split_into_shards,
     synthesize_sharded,
@@ -175,10 +176,10 @@ def test_everything_in_one_shard_is_model_safetensors_without_index(the_plan: Pl
 
 def test_rewriting_with_another_split_leaves_no_stale_files(the_plan: Plan, tmp_path: Path) -> None:
     synthesize_sharded(the_plan.subset([0]), [tmp_path], max_shard_size=40)
-    synthesize_sharded(the_plan.subset([0]), [tmp_path], max_shard_size=100)
+    synthesize_sharded(the_plan.subset([0]), [tmp_path], max_shard_size=100, overwrite=True)
     index = json.loads((tmp_path / INDEX_NAME).read_text())
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*set(index["weight_map"].values()), INDEX_NAME])
-    synthesize_sharded(the_plan.subset([0]), [tmp_path], max_shard_size="1MB")
+    synthesize_sharded(the_plan.subset([0]), [tmp_path], max_shard_size="1MB", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [SINGLE_NAME]
 
 
@@ -358,3 +359,63 @@ def test_peak_memory_is_bounded_by_targets_times_shard_size(tmp_path: Path) -> N
     # The measure can fail: holding both outputs whole shows up.
     assert whole > 2 * model_bytes * 0.9, whole
     assert math.isfinite(sharded)
+
+
+def test_an_existing_model_is_replaced_only_with_overwrite(the_plan: Plan, tmp_path: Path) -> None:
+    one = the_plan.subset([0])
+    # Shards without an index (an interrupted write, or a model saved by hand) count as a model too.
+    stray = tmp_path / "out" / "model-00001-of-00002.safetensors"
+    stray.parent.mkdir()
+    stray.write_bytes(b"someone's shard")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        synthesize_sharded(one, [stray.parent], max_shard_size=40)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_sharded(stray.parent, run(one)[TARGETS[0]], one, 0, max_shard_size=40)
+    assert stray.read_bytes() == b"someone's shard"
+    synthesize_sharded(one, [stray.parent], max_shard_size=40, overwrite=True)
+    assert load_sharded(stray.parent).keys() == run(one)[TARGETS[0]].keys()
+    save_sharded(stray.parent, run(one)[TARGETS[0]], one, 0, max_shard_size=40, overwrite=True)
+
+
+def test_the_snapshot_folder_is_refused(the_plan: Plan, folder: Path) -> None:
+    before = sorted(folder.iterdir())
+    for out in (folder, folder / "ema"):
+        with pytest.raises(ValueError, match="is the snapshot folder or in it"):
+            synthesize_sharded(the_plan.subset([0]), [out], max_shard_size=40, overwrite=True)
+        with pytest.raises(ValueError, match="is the snapshot folder or in it"):
+            save_sharded(out, run(the_plan.subset([0]))[TARGETS[0]], the_plan, 0, max_shard_size=40, overwrite=True)
+    assert sorted(folder.iterdir()) == before
+
+
+def test_cli_shards_need_force_and_leave_no_folder_on_failure(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model-00002-of-00003.safetensors").write_bytes(b"keep")
+    _, err = invoke("synthesize", folder, "-s", "0.08", "--max-shard-size", "40B", "-o", out, code=1)
+    assert "model-00002-of-00003.safetensors exists; pass --force" in err
+    assert (out / "model-00002-of-00003.safetensors").read_bytes() == b"keep"
+    invoke("synthesize", folder, "-s", "0.08", "--max-shard-size", "40B", "-o", out, "--force")
+    import posthoc_ema.sharded
+
+    def failing_run(*args: object, **kwargs: object) -> object:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(posthoc_ema.sharded, "run", failing_run)
+    deep = tmp_path / "a" / "b"
+    invoke("synthesize", folder, "-s", "0.08", "--max-shard-size", "40B", "-o", deep, code=1)
+    assert not (tmp_path / "a").exists()
+
+
+def test_cli_shard_write_errors_name_the_folder(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import posthoc_ema.sharded
+
+    def failing_write(path: Path, tensors: object, metadata: object) -> None:
+        raise OSError(28, "No space left on device", str(path.with_name("." + path.name + ".tmp")))
+
+    monkeypatch.setattr(posthoc_ema.sharded, "write_atomic", failing_write)
+    out = tmp_path / "out"
+    _, err = invoke("synthesize", folder, "-s", "0.08", "--max-shard-size", "40B", "-o", out, code=1)
+    assert err == f"error: {out}: No space left on device\n"
+    assert not out.exists()
