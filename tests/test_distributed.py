@@ -87,10 +87,19 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
+    run_ranks(WORKER, str(out), str(STEPS), str(EVERY))
+    return out
+
+
+def run_ranks(script: str, *args: str) -> list[str]:
+    """Run ``script`` as two gloo ranks (``argv``: rank, world size, port, ``args``); return each rank's stdout.
+
+    A rank that fails, or a pair that does not finish within :data:`TIMEOUT` (a hang), fails the test.
+    """
     port = str(free_port())
     ranks = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(rank), "2", port, str(out), str(STEPS), str(EVERY)],
+            [sys.executable, "-c", script, str(rank), "2", port, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -102,10 +111,11 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     except subprocess.TimeoutExpired:
         for p in ranks:
             p.kill()
-        pytest.fail(f"the two DDP ranks did not finish within {TIMEOUT} s (a hang?)")
+            p.wait()
+        pytest.fail(f"the two ranks did not finish within {TIMEOUT} s (a hang?)")
     for rank, (p, (_, err)) in enumerate(zip(ranks, outputs, strict=True)):
         assert p.returncode == 0, f"rank {rank} failed:\n{err}"
-    return out
+    return [out for out, _ in outputs]
 
 
 def test_keys_have_no_module_prefix(ddp_run: Path) -> None:
@@ -209,23 +219,6 @@ FSDP2_WORKER = textwrap.dedent(
 def test_a_sharded_model_is_refused_at_construction() -> None:
     """FSDP2's DTensor parameters are refused with a clear error on every rank, never tracked silently wrong."""
     pytest.importorskip("torch.distributed.fsdp")
-    port = str(free_port())
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, "-c", FSDP2_WORKER, str(rank), "2", port],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=TIMEOUT) for p in ranks]
-    except subprocess.TimeoutExpired:
-        for p in ranks:
-            p.kill()
-        pytest.fail(f"the two FSDP2 ranks did not finish within {TIMEOUT} s (a hang?)")
-    for rank, (p, (out, err)) in enumerate(zip(ranks, outputs, strict=True)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{err}"
+    for out in run_ranks(FSDP2_WORKER):
         assert out.strip().startswith("'0.weight' is a DTensor (a sharded tensor, as FSDP2's fully_shard makes; 4 such")
         assert "sharded models are not supported yet" in out

@@ -288,15 +288,16 @@ def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize(
-    "settings_",
-    [
-        {},
-        {"inv_gamma": 2.0, "power": 0.75, "min_beta": 0.3, "max_beta": 0.99, "update_after_step": 5},
-        {"power": 1.0, "max_beta": 0.995, "update_after_step": 20},
-    ],
-    ids=["defaults", "clamped", "late start"],
-)
+#: Warm-up settings checked against ema-pytorch (also by tests/test_tracker_schedules.py).
+WARMUP_SETTINGS = [
+    {},
+    {"inv_gamma": 2.0, "power": 0.75, "min_beta": 0.3, "max_beta": 0.99, "update_after_step": 5},
+    {"power": 1.0, "max_beta": 0.995, "update_after_step": 20},
+]
+WARMUP_IDS = ["defaults", "clamped", "late start"]
+
+
+@pytest.mark.parametrize("settings_", WARMUP_SETTINGS, ids=WARMUP_IDS)
 def test_warmup_equals_ema_pytorch(settings_):
     ema_pytorch = pytest.importorskip("ema_pytorch")
     sched = Warmup(**settings_)

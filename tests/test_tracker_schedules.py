@@ -12,7 +12,16 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_schedules import assert_same, linear, load, params, super_gradients_ema, trajectory
+from test_schedules import (
+    WARMUP_IDS,
+    WARMUP_SETTINGS,
+    assert_same,
+    linear,
+    load,
+    params,
+    super_gradients_ema,
+    trajectory,
+)
 
 from posthoc_ema import PostHocEMA, list_snapshots, synthesize
 from posthoc_ema.folders import describe
@@ -45,15 +54,7 @@ def tracked(schedule: Schedule, states: list[dict[str, torch.Tensor]], **kwargs)
 # -- the same numbers as each library, update for update, in float32 -----------------------------------------
 
 
-@pytest.mark.parametrize(
-    "settings_",
-    [
-        {},
-        {"inv_gamma": 2.0, "power": 0.75, "min_beta": 0.3, "max_beta": 0.99, "update_after_step": 5},
-        {"power": 1.0, "max_beta": 0.995, "update_after_step": 20},
-    ],
-    ids=["defaults", "clamped", "late start"],
-)
+@pytest.mark.parametrize("settings_", WARMUP_SETTINGS, ids=WARMUP_IDS)
 def test_warmup_tracks_as_ema_pytorch(settings_):
     ema_pytorch = pytest.importorskip("ema_pytorch")
     sched = Warmup(**settings_)
