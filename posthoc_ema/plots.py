@@ -220,7 +220,7 @@ def plot_error_curve(
             extra = [
                 s
                 for s in the_plan.tracked_sigma_rels
-                if grid.min() <= s <= grid.max() and not np.isclose(grid, s).any()
+                if grid.min() <= s <= grid.max() and not any(profiles.same_sigma_rel(g, s) for g in grid)
             ]
             if extra:
                 the_plan = plan(source, np.concatenate([grid, extra]), step=step)

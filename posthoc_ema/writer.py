@@ -37,7 +37,8 @@ class BackgroundWriter:
     failed job does not stop the later ones. Failures are raised, naming every
     failed file and the first cause, by the next :meth:`check` or :meth:`flush`;
     ``submit`` never raises them, so a job it accepted is always either written
-    or named in such an error. Pending writes are finished at interpreter exit.
+    or named in such an error (``submit`` itself raises only once the writer can
+    run no more jobs). Pending writes are finished at interpreter exit.
 
     Use it from one thread (the training loop's).
     """
@@ -75,12 +76,19 @@ class BackgroundWriter:
 
         Returns:
             The job's future; its failure is also raised by a later :meth:`check` or :meth:`flush`.
+
+        Raises:
+            SnapshotWriteError: only when the writer can run no more jobs (it was
+                stopped, or the interpreter is shutting down): ``path`` is not written.
         """
         self._reap()
         while len(self._futures) > self._max_pending:
             concurrent.futures.wait([self._futures[0][1]])
             self._reap()
-        future = self._executor.submit(write)
+        try:
+            future = self._executor.submit(write)
+        except RuntimeError as err:  # "cannot schedule new futures after (interpreter) shutdown"
+            raise write_error([(path, err)]) from None
         self._futures.append((path, future))
         return future
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from posthoc_ema import PostHocEMA, SnapshotWriteError, files, list_snapshots
+from posthoc_ema.writer import BackgroundWriter
 
 SNAPSHOT = re.compile(r"phema-(\d+)-([0-9.e-]+)\.safetensors")
 
@@ -208,3 +209,10 @@ def test_a_tracker_that_has_snapshotted_copies(tmp_path, how):
     twin.close()
     assert [i.step for i in list_snapshots(tmp_path)] == [2, 2, 3, 3, 4, 4]
     assert {i.run_id for i in list_snapshots(tmp_path)} == {emas.run_id}
+
+
+def test_a_stopped_writer_names_the_snapshot_it_cannot_write(tmp_path):
+    writer = BackgroundWriter()
+    writer.stop()  # as at interpreter shutdown: the executor takes no more jobs
+    with pytest.raises(SnapshotWriteError, match=r"could not write snapshot .*a\.safetensors: cannot schedule"):
+        writer.submit(tmp_path / "a.safetensors", lambda: None)
