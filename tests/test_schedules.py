@@ -297,19 +297,17 @@ WARMUP_SETTINGS = [
 WARMUP_IDS = ["defaults", "clamped", "late start"]
 
 
-@pytest.mark.parametrize("settings_", WARMUP_SETTINGS, ids=WARMUP_IDS)
-def test_warmup_equals_ema_pytorch(settings_):
+def ema_pytorch_ema(schedule: Warmup, states: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """ema-pytorch's own ``EMA`` with ``schedule``'s settings, after each state but the first."""
     ema_pytorch = pytest.importorskip("ema_pytorch")
-    sched = Warmup(**settings_)
-    states = trajectory(300)
     model = linear(states[0])
     theirs_ema = ema_pytorch.EMA(
         model,
-        beta=sched.max_beta,
-        min_value=sched.min_beta,
-        inv_gamma=sched.inv_gamma,
-        power=sched.power,
-        update_after_step=int(sched.update_after_step),
+        beta=schedule.max_beta,
+        min_value=schedule.min_beta,
+        inv_gamma=schedule.inv_gamma,
+        power=schedule.power,
+        update_after_step=int(schedule.update_after_step),
         update_every=1,
     )
     theirs = []
@@ -317,49 +315,52 @@ def test_warmup_equals_ema_pytorch(settings_):
         load(model, state)
         theirs_ema.update()
         theirs.append(params(theirs_ema.ema_model))
-    assert_same(reference_ema(sched, states), theirs)
+    return theirs
 
 
-def test_constant_equals_torch_averaged_model_from_its_second_update():
+@pytest.mark.parametrize("settings_", WARMUP_SETTINGS, ids=WARMUP_IDS)
+def test_warmup_equals_ema_pytorch(settings_):
+    sched = Warmup(**settings_)
+    states = trajectory(300)
+    assert_same(reference_ema(sched, states), ema_pytorch_ema(sched, states))
+
+
+def averaged_model_ema(beta: float, states: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """torch's ``AveragedModel`` with ``get_ema_multi_avg_fn(beta)``, after each state but the first."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    states = trajectory(200)
     model = linear(states[0])
-    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.97))
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(beta))
     theirs = []
     for state in states[1:]:
         load(model, state)
         averaged.update_parameters(model)
         theirs.append({k.removeprefix("module."): v for k, v in params(averaged).items()})
-    # AveragedModel copies at its first update_parameters: start=1.
-    assert_same(reference_ema(Constant(0.97, start=1), states), theirs)
-    # Constant(beta) keeps the copy made at step 0 instead, so the two differ.
-    with pytest.raises(AssertionError):
-        assert_same(reference_ema(Constant(0.97), states), theirs)
+    return theirs
 
 
-def test_constant_equals_timm_model_ema_v2():
-    # timm/utils/model_ema.py (huggingface/pytorch-image-models), ModelEmaV2: a deepcopy at
-    # construction, then ``decay * e + (1 - decay) * m`` on every state_dict entry at each update.
-    decay = 0.98
-    states = trajectory(300)
+def timm_v2_ema(decay: float, states: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """timm's ``ModelEmaV2`` update, restated from timm/utils/model_ema.py (huggingface/pytorch-image-models):
+    a deepcopy at construction, then ``decay * e + (1 - decay) * m`` on every state_dict entry at each update."""
     ema = {k: v.clone() for k, v in states[0].items()}
     theirs = []
     for state in states[1:]:
         for k, e in ema.items():
             e.copy_(decay * e + (1.0 - decay) * state[k])
         theirs.append({k: v.clone() for k, v in ema.items()})
-    assert_same(reference_ema(Constant(decay), states), theirs)
+    return theirs
 
 
-@pytest.mark.parametrize(("half_life", "interval", "ema_start"), [(20, 1, 0), (30, 4, 0), (25, 3, 10)])
-def test_half_life_equals_composer(half_life, interval, ema_start):
-    # composer/algorithms/ema/ema.py (mosaicml/composer): smoothing = 2 ** (-interval / half_life);
-    # at the first batch end with batch >= ema_start the EMA becomes a deepcopy of the model, and
-    # at every batch end with batch % interval == 0 it is updated (the batch count is already
-    # incremented at BATCH_END, so the first batch end sees batch 1).
+def composer_ema(
+    half_life: float, interval: int, ema_start: int, states: list[dict[str, torch.Tensor]]
+) -> list[dict[str, torch.Tensor]]:
+    """Composer's EMA, restated from composer/algorithms/ema/ema.py (mosaicml/composer).
+
+    smoothing = 2 ** (-interval / half_life); at the first batch end with batch >= ema_start the EMA
+    becomes a deepcopy of the model, and at every batch end with batch % interval == 0 it is updated
+    (the batch count is already incremented at BATCH_END, so the first batch end sees batch 1).
+    """
     smoothing = 2 ** (-interval / half_life)
-    states = trajectory(200)
     ema: dict[str, torch.Tensor] | None = None
     theirs = []
     for batch, state in enumerate(states[1:], start=1):
@@ -369,8 +370,29 @@ def test_half_life_equals_composer(half_life, interval, ema_start):
             for k, e in ema.items():
                 e.copy_(e * smoothing + (1.0 - smoothing) * state[k])
         theirs.append({k: v.clone() for k, v in (ema or state).items()})
+    return theirs
+
+
+def test_constant_equals_torch_averaged_model_from_its_second_update():
+    states = trajectory(200)
+    theirs = averaged_model_ema(0.97, states)
+    # AveragedModel copies at its first update_parameters: start=1.
+    assert_same(reference_ema(Constant(0.97, start=1), states), theirs)
+    # Constant(beta) keeps the copy made at step 0 instead, so the two differ.
+    with pytest.raises(AssertionError):
+        assert_same(reference_ema(Constant(0.97), states), theirs)
+
+
+def test_constant_equals_timm_model_ema_v2():
+    states = trajectory(300)
+    assert_same(reference_ema(Constant(0.98), states), timm_v2_ema(0.98, states))
+
+
+@pytest.mark.parametrize(("half_life", "interval", "ema_start"), [(20, 1, 0), (30, 4, 0), (25, 3, 10)])
+def test_half_life_equals_composer(half_life, interval, ema_start):
+    states = trajectory(200)
     ours = reference_ema(HalfLife(half_life, update_interval=interval, start=max(ema_start, 1)), states)
-    assert_same(ours, theirs)
+    assert_same(ours, composer_ema(half_life, interval, ema_start, states))
 
 
 def super_gradients_ema(states, decay_function):

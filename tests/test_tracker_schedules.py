@@ -16,10 +16,14 @@ from test_schedules import (
     WARMUP_IDS,
     WARMUP_SETTINGS,
     assert_same,
+    averaged_model_ema,
+    composer_ema,
+    ema_pytorch_ema,
     linear,
     load,
     params,
     super_gradients_ema,
+    timm_v2_ema,
     trajectory,
 )
 
@@ -56,52 +60,19 @@ def tracked(schedule: Schedule, states: list[dict[str, torch.Tensor]], **kwargs)
 
 @pytest.mark.parametrize("settings_", WARMUP_SETTINGS, ids=WARMUP_IDS)
 def test_warmup_tracks_as_ema_pytorch(settings_):
-    ema_pytorch = pytest.importorskip("ema_pytorch")
     sched = Warmup(**settings_)
     states = trajectory(300)
-    model = linear(states[0])
-    theirs_ema = ema_pytorch.EMA(
-        model,
-        beta=sched.max_beta,
-        min_value=sched.min_beta,
-        inv_gamma=sched.inv_gamma,
-        power=sched.power,
-        update_after_step=int(sched.update_after_step),
-        update_every=1,
-    )
-    theirs = []
-    for state in states[1:]:
-        load(model, state)
-        theirs_ema.update()
-        theirs.append(params(theirs_ema.ema_model))
-    assert_same(tracked(sched, states), theirs)
+    assert_same(tracked(sched, states), ema_pytorch_ema(sched, states))
 
 
 def test_constant_tracks_as_timm_model_ema_v2():
-    # timm/utils/model_ema.py (huggingface/pytorch-image-models), ModelEmaV2: a deepcopy at
-    # construction, then ``decay * e + (1 - decay) * m`` on every entry at each update.
-    decay = 0.98
     states = trajectory(300)
-    ema = {k: v.clone() for k, v in states[0].items()}
-    theirs = []
-    for state in states[1:]:
-        for k, e in ema.items():
-            e.copy_(decay * e + (1.0 - decay) * state[k])
-        theirs.append({k: v.clone() for k, v in ema.items()})
-    assert_same(tracked(Constant(decay), states), theirs)
+    assert_same(tracked(Constant(0.98), states), timm_v2_ema(0.98, states))
 
 
 def test_constant_tracks_as_torch_averaged_model_from_start_1():
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
     states = trajectory(200)
-    model = linear(states[0])
-    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.97))
-    theirs = []
-    for state in states[1:]:
-        load(model, state)
-        averaged.update_parameters(model)
-        theirs.append({k.removeprefix("module."): v for k, v in params(averaged).items()})
+    theirs = averaged_model_ema(0.97, states)
     # AveragedModel copies at its first update_parameters: Constant(beta, start=1).
     assert_same(tracked(Constant(0.97, start=1), states), theirs)
     with pytest.raises(AssertionError):  # Constant(beta) keeps the copy made at creation instead
@@ -110,21 +81,9 @@ def test_constant_tracks_as_torch_averaged_model_from_start_1():
 
 @pytest.mark.parametrize(("half_life", "interval", "ema_start"), [(20, 1, 0), (30, 4, 0), (25, 3, 10)])
 def test_half_life_tracks_as_composer(half_life, interval, ema_start):
-    # composer/algorithms/ema/ema.py (mosaicml/composer): smoothing 2 ** (-interval / half_life); at
-    # the first batch end with batch >= ema_start a deepcopy, then an update at every batch end with
-    # batch % interval == 0 (the batch count is already incremented: the first batch end sees 1).
-    smoothing = 2 ** (-interval / half_life)
     states = trajectory(200)
-    ema: dict[str, torch.Tensor] | None = None
-    theirs = []
-    for batch, state in enumerate(states[1:], start=1):
-        if ema is None and batch >= ema_start:
-            ema = {k: v.clone() for k, v in state.items()}
-        if ema is not None and batch % interval == 0:
-            for k, e in ema.items():
-                e.copy_(e * smoothing + (1.0 - smoothing) * state[k])
-        theirs.append({k: v.clone() for k, v in (ema or state).items()})
-    assert_same(tracked(HalfLife(half_life, update_interval=interval, start=max(ema_start, 1)), states), theirs)
+    ours = tracked(HalfLife(half_life, update_interval=interval, start=max(ema_start, 1)), states)
+    assert_same(ours, composer_ema(half_life, interval, ema_start, states))
 
 
 def test_threshold_tracks_as_super_gradients():
