@@ -537,3 +537,120 @@ def test_classic_targets_in_the_resolution_report_and_the_file(tmp_path: Path) -
     posthoc_ema.checkpoints.save(tmp_path / "power.safetensors", sds[0.2], p, 0)
     with safe_open(str(tmp_path / "power.safetensors"), framework="pt") as f:
         assert "schedule" not in f.metadata() and f.metadata()["sigma_rel"] == "0.2"
+
+
+# -- synthesize --from-checkpoints ------------------------------------------------
+
+
+def _usage_error(stderr: str) -> str:
+    return " ".join(stderr.replace("│", " ").split())
+
+
+def test_cli_synthesize_from_checkpoints_is_the_from_checkpoints_command(tmp_path: Path) -> None:
+    """The issue's spelling writes what from-checkpoints writes, and prints the same report."""
+    from helpers import invoke
+
+    run = _write_run(tmp_path / "run", 40)
+    one, two = tmp_path / "ema.safetensors", tmp_path / "ema2.safetensors"
+    options = ["--sigma-rel", "0.10", "--interpolation", "trapezoidal"]
+    stdout, _ = invoke("synthesize", "--from-checkpoints", run, *options, "-o", one)
+    stdout_alias, _ = invoke("from-checkpoints", run, *options, "-o", two)
+    assert stdout.replace(str(one), "OUT") == stdout_alias.replace(str(two), "OUT")
+    assert "41 checkpoints up to step 1000, trapezoidal interpolation" in stdout
+    with safe_open(str(one), framework="pt") as f, safe_open(str(two), framework="pt") as g:
+        assert f.metadata() == g.metadata()
+        assert f.metadata()["format"] == posthoc_ema.checkpoints.FROM_CHECKPOINTS_FORMAT
+        expected = posthoc_ema.from_checkpoints(run, 0.1, interpolation="trapezoidal")[0.1]
+        for k in expected:
+            torch.testing.assert_close(f.get_tensor(k), expected[k], rtol=0, atol=0)
+            torch.testing.assert_close(g.get_tensor(k), expected[k], rtol=0, atol=0)
+
+
+def test_cli_classic_targets_from_checkpoints(tmp_path: Path) -> None:
+    from helpers import invoke
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in range(0, 1001, 50):  # a Lightning-style run: torch.save dicts, the step in the file name
+        torch.save({"state_dict": _theta(step)}, run / f"epoch=0-step={step}.ckpt")
+    out = tmp_path / "emas"
+    args = ["--beta", "0.99", "--half-life", "80", "--ema-start", "0,300", "--schedule", "warmup:power=0.75"]
+    stdout, _ = invoke(
+        "synthesize", "--from-checkpoints", run, "-s", "0.1", *args, "--key", "state_dict",
+        "--step-pattern", r"step=(\d+)", "--glob", "*.ckpt", "-o", f"{out}/",
+    )  # fmt: skip
+    targets: list[float | Schedule] = [
+        0.1, Constant(0.99), Constant(0.99, start=300), HalfLife(80.0), HalfLife(80.0, start=300),
+        parse_schedule("warmup:power=0.75"),
+    ]  # fmt: skip
+    expected = posthoc_ema.from_checkpoints(run, targets, key="state_dict", step_pattern=r"step=(\d+)", glob="*.ckpt")
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(
+        [
+            "ema-0.1-1000.safetensors",
+            "ema-constant-beta=0.99-1000.safetensors",
+            "ema-constant-beta=0.99_start=300-1000.safetensors",
+            "ema-half-life-half_life=80-1000.safetensors",
+            "ema-half-life-half_life=80_start=300-1000.safetensors",
+            "ema-warmup-power=0.75-1000.safetensors",
+        ]
+    )
+    assert "constant:beta=0.99,start=300 (~sigma_rel" in stdout
+    for target in targets:
+        label = posthoc_ema.synthesis.target_label(target)
+        name = (
+            "ema-0.1-1000.safetensors"
+            if label == "0.1"
+            else f"ema-{label.replace(':', '-').replace(',', '_')}-1000.safetensors"
+        )
+        with safe_open(str(out / name), framework="pt") as f:
+            meta = f.metadata()
+            for k, v in expected[target].items():
+                torch.testing.assert_close(f.get_tensor(k), v, rtol=0, atol=0)
+        assert meta.get("schedule", "power") == ("power" if label == "0.1" else label)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-s", "0.1"], "Missing argument 'CKPT_DIR': give a folder of snapshots, or --from-checkpoints RUN_DIR"),
+        (["RUN", "--from-checkpoints", "RUN", "-s", "0.1"], "give CKPT_DIR (a snapshot folder) or --from-checkpoints"),
+        (["RUN", "-s", "0.1", "--key", "model"], "--key applies to --from-checkpoints RUN_DIR, not to a snapshot"),
+        (["RUN", "-s", "0.1", "--interpolation", "trapezoidal"], "--interpolation applies to --from-checkpoints"),
+        (["--from-checkpoints", "RUN", "-s", "0.1", "--prefix", "g"], "--prefix applies to snapshot folders, not to"),
+        (["--from-checkpoints", "RUN", "-s", "0.1", "--max-shard-size", "1GB"], "--max-shard-size applies to"),
+        (["--from-checkpoints", "RUN"], "Missing option '--sigma-rel' / '-s': give at least one target"),
+        (
+            ["--from-checkpoints", "RUN", "-s", "0.1", "--interpolation", "linear"],
+            "Invalid value for '--interpolation'",
+        ),
+    ],
+)
+def test_cli_synthesize_input_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    from helpers import invoke
+
+    run = _write_run(tmp_path / "run", 10)
+    out = tmp_path / "out"
+    _, stderr = invoke("synthesize", *(str(run) if a == "RUN" else a for a in args), "-o", f"{out}/", code=2)
+    assert message in _usage_error(stderr)
+    assert not out.exists()
+
+
+def test_cli_synthesize_from_checkpoints_dry_run_and_errors(tmp_path: Path) -> None:
+    from helpers import invoke
+
+    run = _write_run(tmp_path / "run", 10)
+    out = tmp_path / "out"
+    stdout, stderr = invoke(
+        "synthesize", "--from-checkpoints", run, "-s", "0.2", "--beta", "0.99", "--dry-run", "-o", out
+    )
+    assert "weights (a column per target, summing to 1; a row per checkpoint):" in stdout
+    with pytest.warns(UnresolvedProfileWarning):
+        the_plan = plan_checkpoints(run, [0.2, Constant(0.99)])
+    assert f"{the_plan.weights[-1, 1]:.6f}" in stdout.splitlines()[-1] and stdout.splitlines()[-1].startswith("1000")
+    assert "warning: 1 of 2 targets (constant:beta=0.99) rest on fewer than 4" in stderr
+    assert not out.exists()
+    _, stderr = invoke("synthesize", "--from-checkpoints", tmp_path / "missing", "-s", "0.1", code=1)
+    assert stderr.strip() == f"error: {tmp_path / 'missing'}: not a folder"
+    _, stderr = invoke("synthesize", "--from-checkpoints", run, "-s", "0.1", "-o", f"{run}/", code=1)
+    assert f"is in the checkpoint folder {run}; write synthesized files elsewhere" in stderr
