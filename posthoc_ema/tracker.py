@@ -407,6 +407,7 @@ class PostHocEMA:
         #: Whether ``rank0_only=True`` was given; :attr:`holds_emas` says whether this rank keeps the EMAs.
         self.rank0_only = bool(rank0_only)
         self._holds_emas = not self.rank0_only or _is_writer_rank()
+        self._rank = 0 if self._holds_emas else torch.distributed.get_rank()  # for the error on the other ranks
         self._build(model, trainable_only=trainable_only, exclude=tuple(exclude))
         if not self._holds_emas:
             self._copied.values = []  # the copied integer buffers: small, but EMA state all the same
@@ -776,7 +777,7 @@ class PostHocEMA:
     def _check_holds(self) -> None:
         if not self._holds_emas:
             raise ValueError(
-                f"this is rank {torch.distributed.get_rank()}, and rank0_only=True keeps the EMAs on rank 0 only; "
+                f"this is rank {self._rank}, and rank0_only=True keeps the EMAs on rank 0 only; "
                 "read them on rank 0, or create PostHocEMA without rank0_only to keep them on every rank"
             )
 
