@@ -18,6 +18,20 @@ one of two interpolations and integrates the profile against it exactly:
   and its error falls with the square of the spacing for a smooth one (the
   piecewise-constant error falls linearly).
 
+A target may also be a classic EMA (:mod:`posthoc_ema.schedules`: a constant
+decay, a half-life, a warm-up...). Its exact weights on the unit step grid
+(:meth:`~posthoc_ema.schedules.Schedule.weights`: the initial copy at step 0,
+then one update at every step ``1, ..., T``) are point masses, and the same
+interpolation turns each into checkpoint weights: the weight ``w_i`` of step
+``t_i`` goes to the checkpoint whose interval ``(t_(k-1), t_k]`` holds it
+(piecewise constant), or is split between the two checkpoints around it by
+their hat functions (trapezoidal). This is the EMA an every-step update of the
+interpolated trajectory would give, so it converges to the EMA of the run as
+the checkpoints get denser. (A power function is the same rule applied to its
+continuous profile, in closed form; for integer steps the piecewise-constant
+weights of both readings agree exactly, since eq. 127 at every step is the
+profile's mass per step.)
+
 Each target's weights sum to 1. How well the checkpoints resolve a target is in
 the :class:`CheckpointPlan`: the profile mass per checkpoint interval and the
 effective number of checkpoints ``1 / sum(w**2)``; a target whose effective
@@ -32,8 +46,10 @@ loaded whole, memory-mapped when they are in the zip format, one at a time).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
+import math
 import os
 import pickle
 import re
@@ -48,13 +64,14 @@ import numpy.typing as npt
 import torch
 from safetensors import safe_open
 
-from posthoc_ema import profiles
+from posthoc_ema import profiles, schedules
 from posthoc_ema._version import __version__
 from posthoc_ema.dtypes import parse_dtype
 from posthoc_ema.errors import SnapshotError, UnresolvedProfileWarning
 from posthoc_ema.files import read_header, write_atomic
+from posthoc_ema.schedules import PowerFunction, Schedule
 from posthoc_ema.snapshots import FORMAT as SNAPSHOT_FORMAT
-from posthoc_ema.synthesis import ByTarget, StateDict
+from posthoc_ema.synthesis import ByTarget, StateDict, Target, _as_targets, _target_key_of, target_label
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
@@ -69,6 +86,7 @@ __all__ = [
     "plan_checkpoints",
     "run_checkpoints",
     "save",
+    "schedule_checkpoint_weights",
 ]
 
 Interpolation = Literal["piecewise-constant", "trapezoidal"]
@@ -110,15 +128,25 @@ class CheckpointPlan:
 
     Attributes:
         step: the step reconstructed (a checkpoint step).
-        sigma_rels: the targets.
-        gammas: their exponents.
+        sigma_rels: the sigma_rel of each target; for a classic schedule, its
+            equivalent sigma_rel (:func:`~posthoc_ema.schedules.equivalent_sigma_rel`
+            at :attr:`step`), NaN when it is wider than any power function. It is a
+            target's identity only for power-function targets (see :attr:`targets`).
+        gammas: their exponents (NaN for a classic schedule).
         interpolation: the interpolation the weights integrate.
         checkpoints: the checkpoints used (step <= ``step``), sorted by step.
         weights: ``[n_checkpoints, n_targets]`` float64; columns sum to 1.
-        interval_mass: ``[n_checkpoints, n_targets]``: the profile's mass on each
-            interval ``(t_(k-1), t_k]`` (``t_0 = 0``); columns sum to 1.
+        interval_mass: ``[n_checkpoints, n_targets]``: the target's mass on each
+            interval ``(t_(k-1), t_k]`` (``t_0 = 0``; a classic target's starting
+            copy at step 0 counts in the first); columns sum to 1.
         effective_checkpoints: ``1 / sum(w**2)`` per target: how many checkpoints
             the average effectively rests on.
+        targets: each target as a schedule: :class:`~posthoc_ema.schedules.PowerFunction`
+            of its canonical sigma_rel for a sigma_rel, else the schedule given.
+            Empty only in plans built by hand (then :attr:`sigma_rels` are the targets).
+        initial_weights: the weight each target's starting copy still carries at
+            :attr:`step` (:func:`~posthoc_ema.schedules.start_copy`); 0 for a power function.
+        copy_steps: the step of each target's starting copy (0: the initial copy).
     """
 
     step: int
@@ -129,11 +157,41 @@ class CheckpointPlan:
     weights: npt.NDArray[np.float64]
     interval_mass: npt.NDArray[np.float64]
     effective_checkpoints: npt.NDArray[np.float64]
+    targets: tuple[Schedule, ...] = ()
+    initial_weights: npt.NDArray[np.float64] | None = None
+    copy_steps: npt.NDArray[np.float64] | None = None
+
+    def _targets(self) -> tuple[Schedule, ...]:
+        return self.targets or tuple(PowerFunction(sigma_rel=s) for s in self.sigma_rels)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Each target as text, as :attr:`posthoc_ema.synthesis.Plan.labels`: ``"0.1"``, ``"constant:beta=0.999"``."""
+        return tuple(target_label(t) for t in self._targets())
+
+    def is_classic(self, index: int) -> bool:
+        """Whether target ``index`` is a classic schedule (not a power function)."""
+        return not isinstance(self._targets()[index], PowerFunction)
+
+    def key(self, index: int) -> float | Schedule:
+        """Target ``index``'s key in what :func:`run_checkpoints` returns: its canonical sigma_rel, or its schedule."""
+        return _target_key_of(self._targets()[index])
 
     @property
     def unresolved(self) -> npt.NDArray[np.bool_]:
         """Targets with fewer than :data:`MIN_EFFECTIVE_CHECKPOINTS` effective checkpoints."""
         return np.asarray(self.effective_checkpoints < MIN_EFFECTIVE_CHECKPOINTS)
+
+    def _name(self, index: int) -> str:
+        return self.labels[index] if self.is_classic(index) else f"sigma_rel {self.sigma_rels[index]:.4g}"
+
+    def _copy_note(self, index: int) -> str:
+        """For a classic target whose starting copy still weighs over 1%: where that weight sits."""
+        initial = 0.0 if self.initial_weights is None else float(self.initial_weights[index])
+        if not self.is_classic(index) or initial <= 0.01:
+            return ""
+        at = 0.0 if self.copy_steps is None else float(self.copy_steps[index])
+        return f"{initial:.1%} of its weight is on its starting copy of the weights at step {at:g}"
 
     def format_report(self, *, intervals: int = 5) -> str:
         """The resolution report as text: per target, the effective number of
@@ -149,11 +207,65 @@ class CheckpointPlan:
                 for k in reversed(last)
             )
             flag = "  (unresolved: checkpoints too sparse for this width)" if self.unresolved[j] else ""
+            name = self._name(j)
+            if self.is_classic(j):
+                width = "no power function is as wide" if math.isnan(sigma_rel) else f"~sigma_rel {sigma_rel:.4g}"
+                note = self._copy_note(j)
+                name += f" ({width}{'; ' + note if note else ''})"
+                if note:  # a concentrated start, not a sparse run
+                    flag = "  (few: much weight on its starting copy)" if self.unresolved[j] else ""
             lines.append(
-                f"sigma_rel {sigma_rel:.4g}: {self.effective_checkpoints[j]:.1f} effective checkpoints{flag}; "
+                f"{name}: {self.effective_checkpoints[j]:.1f} effective checkpoints{flag}; "
                 f"profile mass of the last intervals: {masses}"
             )
         return "\n".join(lines)
+
+    def metadata(self, index: int) -> dict[str, str]:
+        """Safetensors metadata describing target ``index`` (what :func:`save` writes).
+
+        ``format`` (:data:`FROM_CHECKPOINTS_FORMAT`), ``sigma_rel``, ``gamma``,
+        ``step``, ``interpolation``, ``checkpoints`` (how many were used) and
+        ``effective_checkpoints``; a classic target's file also records
+        ``schedule`` (its spec, :func:`~posthoc_ema.schedules.schedule_spec`),
+        ``schedule_repr``, ``update_every`` (1: the unit step grid), and
+        ``initial_weight`` with ``copy_step``, as synthesized files do; its
+        ``sigma_rel`` is then the equivalent sigma_rel (``nan`` when none) and its
+        ``gamma`` is ``nan``.
+        """
+        extra: dict[str, str] = {}
+        if self.is_classic(index):
+            target = self._targets()[index]
+            extra = {
+                "schedule": schedules.schedule_spec(target),
+                "schedule_repr": repr(target),
+                "update_every": "1",
+                "initial_weight": repr(float(self.initial_weights[index])) if self.initial_weights is not None else "",
+                "copy_step": repr(float(self.copy_steps[index])) if self.copy_steps is not None else "",
+            }
+        return extra | {
+            "format": FROM_CHECKPOINTS_FORMAT,
+            "format_version": "1",
+            "sigma_rel": repr(self.sigma_rels[index]),
+            "gamma": repr(float(self.gammas[index])),
+            "step": str(self.step),
+            "interpolation": self.interpolation,
+            "checkpoints": str(len(self.checkpoints)),
+            "effective_checkpoints": repr(float(self.effective_checkpoints[index])),
+            "library_version": __version__,
+        }
+
+
+def _check_steps(steps: Iterable[int] | npt.ArrayLike, out_step: float, interpolation: str) -> npt.NDArray[np.float64]:
+    t = np.asarray(steps, dtype=np.float64).reshape(-1)
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation={interpolation!r} is not one of {', '.join(_INTERPOLATIONS)}")
+    if not t.size:
+        raise ValueError("no checkpoint steps given")
+    if not out_step > 0:
+        raise ValueError(f"out_step={out_step!r} is not a positive step")
+    if np.any(np.diff(t) <= 0) or t[0] < 0 or t[-1] > out_step:
+        raise ValueError(f"steps must increase within [0, out_step={out_step}]; got {t.tolist()[:5]}...")
+    return t
 
 
 def checkpoint_weights(
@@ -185,16 +297,8 @@ def checkpoint_weights(
         >>> w[:, 0].tolist()
         [0.5, 0.5]
     """
-    t = np.asarray(steps, dtype=np.float64).reshape(-1)
+    t = _check_steps(steps, out_step, interpolation)
     g = np.asarray(gammas, dtype=np.float64).reshape(-1)
-    if interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"interpolation={interpolation!r} is not one of {', '.join(_INTERPOLATIONS)}")
-    if not t.size:
-        raise ValueError("no checkpoint steps given")
-    if not out_step > 0:
-        raise ValueError(f"out_step={out_step!r} is not a positive step")
-    if np.any(np.diff(t) <= 0) or t[0] < 0 or t[-1] > out_step:
-        raise ValueError(f"steps must increase within [0, out_step={out_step}]; got {t.tolist()[:5]}...")
     u = t[:, None] / float(out_step)  # times in units of out_step, [n, 1]
     lo = np.concatenate([np.zeros((1, 1)), u[:-1]])  # interval starts, t_0 = 0
     # Profile mass on (lo, u]: the CDF of eq. 121 is u**(gamma+1) (eq. 127 summed).
@@ -213,6 +317,82 @@ def checkpoint_weights(
     weights[1:] += rising
     weights[:-1] += falling
     return weights
+
+
+def _deposit(
+    into: npt.NDArray[np.float64],
+    steps: npt.NDArray[np.float64],
+    at: npt.NDArray[np.float64],
+    mass: npt.NDArray[np.float64],
+    interpolation: Interpolation,
+) -> None:
+    """Add point masses ``mass`` at times ``at`` to the checkpoints by the interpolation's basis functions.
+
+    A time in ``(t_(k-1), t_k]`` goes to checkpoint ``k`` (its box), or is split
+    between ``k - 1`` and ``k`` by their hats; times up to the first checkpoint
+    go to it (constant before it), times after the last to the last.
+    """
+    n = steps.size
+    k = np.minimum(np.searchsorted(steps, at, side="left"), n - 1)
+    if interpolation == "piecewise-constant" or n == 1:
+        into += np.bincount(k, weights=mass, minlength=n)
+        return
+    between = (at > steps[0]) & (at <= steps[-1])
+    share = np.ones_like(at)  # the right end's share of each mass
+    kb = k[between]
+    share[between] = (at[between] - steps[kb - 1]) / (steps[kb] - steps[kb - 1])
+    into += np.bincount(k, weights=mass * share, minlength=n)
+    into += np.bincount(kb - 1, weights=mass[between] * (1.0 - share[between]), minlength=n)
+
+
+def schedule_checkpoint_weights(
+    schedule: Schedule | float,
+    steps: Iterable[int] | npt.ArrayLike,
+    out_step: float,
+    *,
+    interpolation: Interpolation = "piecewise-constant",
+) -> npt.NDArray[np.float64]:
+    """Weights of trajectory samples at ``steps`` that give the EMA ``schedule`` read at ``out_step``.
+
+    Pure float64 NumPy. A classic schedule's exact weights on the unit step grid
+    (:meth:`~posthoc_ema.schedules.Schedule.weights`, the initial copy at step 0
+    and an update at every step up to ``out_step``) are point masses, each given
+    to the samples by the interpolation's basis functions (box or hat, see
+    :mod:`posthoc_ema.checkpoints`): the EMA the interpolated trajectory would
+    have. The grid is walked back from ``out_step`` in chunks and stops once the
+    earlier weights underflow, so memory stays small for any run length. A
+    power function (or a sigma_rel) is :func:`checkpoint_weights` of its gamma.
+
+    Args:
+        schedule: a :class:`~posthoc_ema.schedules.Schedule`, or a sigma_rel.
+        steps: the sample steps, increasing, in [0, out_step].
+        out_step: the step the EMA is read at (> 0).
+        interpolation: ``"piecewise-constant"`` or ``"trapezoidal"``.
+
+    Returns:
+        ``[n_steps]`` weights summing to 1.
+
+    Raises:
+        ValueError: as for :func:`checkpoint_weights`.
+
+    Example:
+        >>> from posthoc_ema.schedules import Constant
+        >>> # the EMA is 0.25 theta(0) + 0.25 theta(1) + 0.5 theta(2); theta(1) is held from step 2, or halfway
+        >>> schedule_checkpoint_weights(Constant(0.5), [0, 2], 2).tolist()
+        [0.25, 0.75]
+        >>> schedule_checkpoint_weights(Constant(0.5), [0, 2], 2, interpolation="trapezoidal").tolist()
+        [0.375, 0.625]
+    """
+    sched = schedules.as_schedule(schedule)
+    if isinstance(sched, PowerFunction):
+        return checkpoint_weights(steps, float(sched.gamma), out_step, interpolation=interpolation)[:, 0]  # type: ignore[arg-type]
+    t = _check_steps(steps, out_step, interpolation)
+    out = np.zeros(t.size)
+    for _, at, mass, initial in sched._walk(None, out_step):
+        _deposit(out, t, at, mass, interpolation)
+        if initial:  # the initial copy: the weights at step 0
+            _deposit(out, t, np.zeros(1), np.array([initial]), interpolation)
+    return out
 
 
 def _step_from(value: object) -> int | None:
@@ -378,7 +558,7 @@ def find_checkpoints(
 
 def plan_checkpoints(
     run_dir: str | os.PathLike[str],
-    targets: float | Iterable[float],
+    targets: Target | Iterable[Target],
     *,
     step_pattern: str | None = None,
     glob: str = "*",
@@ -388,11 +568,14 @@ def plan_checkpoints(
     """The weights of each checkpoint for each target, and how well they resolve it.
 
     Reads only the steps (safetensors headers; ``torch.save`` files are loaded
-    to find their step entry).
+    to find their step entry). A target is a sigma_rel (the power-function EMA)
+    or a classic :class:`~posthoc_ema.schedules.Schedule` updated at every step
+    from a copy of the weights at step 0, mixed freely
+    (:func:`schedule_checkpoint_weights`).
 
     Args:
         run_dir: folder of plain checkpoints (see :func:`find_checkpoints`).
-        targets: target sigma_rel(s), each in (0, sqrt(1/12)).
+        targets: target sigma_rel(s), each in (0, sqrt(1/12)), and schedules.
         step_pattern, glob: as for :func:`find_checkpoints`.
         interpolation: ``"piecewise-constant"`` or ``"trapezoidal"``.
         step: a checkpoint step to read the EMA at; default the last. Only
@@ -411,17 +594,27 @@ def plan_checkpoints(
             effective checkpoints.
 
     Example:
-        >>> p = plan_checkpoints("run", [0.05, 0.10], step_pattern=r"step=(\\d+)")  # doctest: +SKIP
+        >>> p = plan_checkpoints("run", [0.05, 0.10, Constant(0.999)], step_pattern=r"step=(\\d+)")  # doctest: +SKIP
         >>> print(p.format_report())  # doctest: +SKIP
     """
     if interpolation not in _INTERPOLATIONS:
         raise ValueError(f"interpolation={interpolation!r} is not one of {', '.join(_INTERPOLATIONS)}")
-    sigmas = tuple(profiles.canonical_sigma_rel(s) for s in np.asarray(targets, dtype=np.float64).reshape(-1))
-    if not sigmas:
-        raise ValueError("targets is empty; give at least one target sigma_rel")
-    if len(set(sigmas)) != len(sigmas):
-        raise ValueError(f"targets={sigmas} repeats a sigma_rel")
-    gammas = profiles.sigma_rel_to_gamma(sigmas)
+    given = _as_targets(targets)
+    if not given:
+        raise ValueError("targets is empty; give at least one target sigma_rel or schedule")
+    scheds = [
+        PowerFunction(sigma_rel=profiles.canonical_sigma_rel(float(t.sigma_rel)))  # type: ignore[arg-type]
+        if isinstance(t, PowerFunction)
+        else t
+        if isinstance(t, Schedule)
+        else PowerFunction(sigma_rel=profiles.canonical_sigma_rel(t))
+        for t in given
+    ]
+    labels = [target_label(t) for t in scheds]
+    if len(set(labels)) != len(labels):
+        repeated = next(t for t, k in zip(scheds, labels, strict=True) if labels.count(k) > 1)
+        what = f"sigma_rel {repeated.sigma_rel!r}" if isinstance(repeated, PowerFunction) else repr(repeated)
+        raise ValueError(f"targets repeats {what}")
     found = find_checkpoints(run_dir, step_pattern=step_pattern, glob=glob)
     steps = [c.step for c in found]
     if step is None:
@@ -432,25 +625,54 @@ def plan_checkpoints(
         raise ValueError(f"step={step}: the EMA can only be read after step 0")
     used = tuple(c for c in found if c.step <= step)
     used_steps = [c.step for c in used]
-    weights = checkpoint_weights(used_steps, gammas, step, interpolation=interpolation)
-    mass = checkpoint_weights(used_steps, gammas, step, interpolation="piecewise-constant")
+    n = len(scheds)
+    sigmas = [math.nan] * n
+    gammas = np.full(n, math.nan)
+    initial = np.zeros(n)
+    copy_steps = np.zeros(n)
+    weights = np.zeros((len(used), n))
+    mass = np.zeros((len(used), n))
+    power = [j for j, t in enumerate(scheds) if isinstance(t, PowerFunction)]
+    if power:
+        sigmas_p = [float(scheds[j].sigma_rel) for j in power]  # type: ignore[attr-defined]
+        gammas[power] = profiles.sigma_rel_to_gamma(sigmas_p)
+        weights[:, power] = checkpoint_weights(used_steps, gammas[power], step, interpolation=interpolation)
+        mass[:, power] = checkpoint_weights(used_steps, gammas[power], step, interpolation="piecewise-constant")
+        for j, sigma in zip(power, sigmas_p, strict=True):
+            sigmas[j] = sigma
+    for j, sched in enumerate(scheds):
+        if j in power:
+            continue
+        weights[:, j] = schedule_checkpoint_weights(sched, used_steps, step, interpolation=interpolation)
+        mass[:, j] = schedule_checkpoint_weights(sched, used_steps, step, interpolation="piecewise-constant")
+        copy_steps[j], initial[j] = schedules.start_copy(sched, step)
+        with contextlib.suppress(ValueError):  # wider than any power function: NaN
+            sigmas[j] = profiles.canonical_sigma_rel(schedules.equivalent_sigma_rel(sched, step))
     result = CheckpointPlan(
         step=step,
-        sigma_rels=sigmas,
+        sigma_rels=tuple(sigmas),
         gammas=gammas,
         interpolation=interpolation,
         checkpoints=used,
         weights=weights,
         interval_mass=mass,
         effective_checkpoints=1.0 / np.sum(weights**2, axis=0),
+        targets=tuple(scheds),
+        initial_weights=initial,
+        copy_steps=copy_steps,
     )
-    poor = [(s, n) for s, n, bad in zip(sigmas, result.effective_checkpoints, result.unresolved, strict=True) if bad]
+    poor = [j for j in range(n) if result.unresolved[j]]
     if poor:
+        power_names = [f"{sigmas[j]:.4g}" for j in poor if j in power]
+        names = [f"sigma_rel {', '.join(power_names)}"] if power_names else []
+        names += [labels[j] for j in poor if j not in power]
+        notes = [f"{labels[j]}: {result._copy_note(j)}" for j in poor if result._copy_note(j)]
         warnings.warn(
-            f"{len(poor)} of {len(sigmas)} targets (sigma_rel {', '.join(f'{s:.4g}' for s, _ in poor)}) rest on "
+            f"{len(poor)} of {n} targets ({'; '.join(names)}) rest on "
             f"fewer than {MIN_EFFECTIVE_CHECKPOINTS:g} effective checkpoints "
-            f"({', '.join(f'{n:.1f}' for _, n in poor)}): the checkpoints are too sparse near step {step} for "
-            "these widths, and the result is close to the last checkpoints rather than to the EMA",
+            f"({', '.join(f'{result.effective_checkpoints[j]:.1f}' for j in poor)}): the checkpoints are too sparse "
+            f"near step {step} for these widths, and the result is close to the last checkpoints rather than to "
+            "the EMA" + (f" (or, {'; '.join(notes)})" if notes else ""),
             UnresolvedProfileWarning,
             stacklevel=2,
         )
@@ -481,12 +703,16 @@ def run_checkpoints(
     key: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str = torch.float32,
-) -> dict[float, StateDict]:
+) -> dict[Any, StateDict]:
     """Carry out a :func:`plan_checkpoints`: one pass over the checkpoints, one at a time.
 
     Floating tensors are accumulated in float32 (float64 for float64 outputs);
     other tensors are copied from the last checkpoint used. Checkpoints whose
     weight is 0 for every target are not read.
+
+    Returns:
+        A :class:`~posthoc_ema.synthesis.ByTarget` ``{target: state_dict}``, keyed
+        as :func:`~posthoc_ema.synthesize_many` keys its result (:meth:`CheckpointPlan.key`).
     """
     out_dtype = parse_dtype(dtype)
     acc_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
@@ -525,16 +751,16 @@ def run_checkpoints(
             raise SnapshotError(f"{info.path}: lacks tensor {missing[0]!r} of {first.path}")
         first = first or info
     result = ByTarget()
-    for j, sigma_rel in enumerate(the_plan.sigma_rels):
+    for j in range(n_targets):
         sd: StateDict = {name: s[j].view(layout[name][1]).to(out_dtype) for name, s in sums.items()}
         sd.update({name: t.clone() for name, t in copied.items()})
-        result[sigma_rel] = {name: sd[name] for name in layout}  # the checkpoints' key order
+        result[the_plan.key(j)] = {name: sd[name] for name in layout}  # the checkpoints' key order
     return result
 
 
 def from_checkpoints(
     run_dir: str | os.PathLike[str],
-    targets: float | Iterable[float],
+    targets: Target | Iterable[Target],
     *,
     key: str | None = None,
     step_pattern: str | None = None,
@@ -543,8 +769,8 @@ def from_checkpoints(
     step: int | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str = torch.float32,
-) -> dict[float, StateDict]:
-    """The power-function EMA of each target sigma_rel from plain checkpoints of a run.
+) -> dict[Any, StateDict]:
+    """The EMA of each target (a sigma_rel, or a classic schedule) from plain checkpoints of a run.
 
     No tracker needed: each checkpoint is a sample of the training trajectory,
     weighted by the target profile integrated against the ``interpolation``
@@ -555,7 +781,7 @@ def from_checkpoints(
     Args:
         run_dir: folder of plain model checkpoints (safetensors files, or
             ``torch.save`` dicts loaded with ``weights_only=True``).
-        targets: target sigma_rel(s).
+        targets: target sigma_rel(s) and classic schedules (:mod:`posthoc_ema.schedules`), mixed.
         key: the entry holding the state dict in ``torch.save`` files, e.g.
             ``"state_dict"`` (Lightning) or ``"model"``; dots reach deeper (``"ema.model"``).
         step_pattern: regex with one group for the step, searched in each file's
@@ -567,7 +793,9 @@ def from_checkpoints(
         dtype: dtype of the floating outputs.
 
     Returns:
-        ``{sigma_rel: state_dict}``, as :func:`~posthoc_ema.synthesize_many` returns.
+        A :class:`~posthoc_ema.synthesis.ByTarget` ``{target: state_dict}``, as
+        :func:`~posthoc_ema.synthesize_many` returns: keyed by canonical sigma_rel
+        for power functions and by schedule (or its label) for classic targets.
 
     Raises:
         ValueError, SnapshotError: as for :func:`plan_checkpoints`, and for checkpoints
@@ -579,6 +807,8 @@ def from_checkpoints(
     Example:
         >>> sds = from_checkpoints("run", [0.10], key="state_dict", step_pattern=r"step=(\\d+)")  # doctest: +SKIP
         >>> model.load_state_dict(sds[0.10])  # doctest: +SKIP
+        >>> sds = from_checkpoints("run", [0.10, Constant(0.9999), HalfLife(2000)])  # doctest: +SKIP
+        >>> model.load_state_dict(sds["constant:beta=0.9999"])  # doctest: +SKIP
     """
     the_plan = plan_checkpoints(
         run_dir, targets, step_pattern=step_pattern, glob=glob, interpolation=interpolation, step=step
@@ -600,9 +830,10 @@ def save(
 ) -> None:
     """Write target ``index`` of a plan atomically as a self-describing safetensors file.
 
-    The metadata says what it is: ``format`` (:data:`FROM_CHECKPOINTS_FORMAT`),
-    ``sigma_rel``, ``gamma``, ``step``, ``interpolation``, ``checkpoints`` (how
-    many were used) and ``effective_checkpoints``.
+    The metadata says what it is (:meth:`CheckpointPlan.metadata`): ``format``
+    (:data:`FROM_CHECKPOINTS_FORMAT`), ``sigma_rel``, ``gamma``, ``step``,
+    ``interpolation``, ``checkpoints`` (how many were used) and
+    ``effective_checkpoints``, and a classic target's ``schedule``.
 
     Args:
         path: the file to write; never in a folder holding the plan's checkpoints.
@@ -625,15 +856,4 @@ def save(
     if not overwrite and (path.exists() or path.is_symlink()):
         raise FileExistsError(errno.EEXIST, "the file exists; pass overwrite=True to replace it", str(path))
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in state_dict.items()}
-    meta = {
-        "format": FROM_CHECKPOINTS_FORMAT,
-        "format_version": "1",
-        "sigma_rel": repr(the_plan.sigma_rels[index]),
-        "gamma": repr(float(the_plan.gammas[index])),
-        "step": str(the_plan.step),
-        "interpolation": the_plan.interpolation,
-        "checkpoints": str(len(the_plan.checkpoints)),
-        "effective_checkpoints": repr(float(the_plan.effective_checkpoints[index])),
-        "library_version": __version__,
-    }
-    write_atomic(Path(path), tensors, meta)
+    write_atomic(Path(path), tensors, the_plan.metadata(index))

@@ -14,6 +14,7 @@ Example:
         $ posthoc-ema synthesize ckpts --beta 0.9999 --half-life 2000 -o classic/
         $ posthoc-ema sweep ckpts --beta 0.998,0.999,0.9995 --ema-start 0,8000,12000 --eval "python eval.py {weights}"
         $ posthoc-ema plot ckpts --sigma-rel 0.15 -o profile.png
+        $ posthoc-ema synthesize --from-checkpoints run/ --sigma-rel 0.10 --beta 0.9999 -o emas/
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import numpy as np
 import typer
@@ -341,10 +342,7 @@ def _label(the_plan: Plan, index: int) -> str:
 
 def _output_paths(output: str | None, the_plan: Plan | CheckpointPlan) -> list[Path]:
     """Where ``synthesize`` writes: ``-o`` names a file for one target, unless it is a folder or ends with ``/``."""
-    if isinstance(the_plan, Plan):
-        names = [target_weights_name(the_plan, j) for j in range(len(the_plan.sigma_rels))]
-    else:  # plain checkpoints: power-function targets only
-        names = [weights_name(s, the_plan.step) for s in the_plan.sigma_rels]
+    names = [target_weights_name(the_plan, j) for j in range(len(the_plan.sigma_rels))]
     as_folder = output is not None and (output.endswith(("/", os.sep)) or Path(output).is_dir())
     if len(names) == 1 and not as_folder:
         return [Path(output) if output is not None else Path(names[0])]
@@ -557,9 +555,75 @@ def _root(
     """Choose your EMA after training: synthesize power-function EMAs (EDM2) from snapshots."""
 
 
+class InterpolationChoice(str, enum.Enum):
+    piecewise_constant = "piecewise-constant"
+    trapezoidal = "trapezoidal"
+
+
+OptionalCkptDir = Annotated[
+    Path | None,
+    typer.Argument(
+        help="Folder of snapshots written by PostHocEMA (or give --from-checkpoints RUN_DIR instead).",
+        metavar="CKPT_DIR",
+        show_default=False,
+    ),
+]
+FromCheckpoints = Annotated[
+    Path | None,
+    typer.Option(
+        "--from-checkpoints",
+        metavar="RUN_DIR",
+        help="Synthesize from the plain model checkpoints in RUN_DIR (a run that tracked no EMA) instead of "
+        "a snapshot folder.",
+        show_default=False,
+    ),
+]
+Key = Annotated[
+    str | None,
+    typer.Option(help="Entry of torch.save checkpoints holding the state dict, e.g. state_dict.", show_default=False),
+]
+StepPattern = Annotated[
+    str | None,
+    typer.Option(
+        help=r"Regex with one group for the step in checkpoint file names, e.g. 'step=(\d+)'.", show_default=False
+    ),
+]
+Glob = Annotated[
+    str | None, typer.Option(help="Which paths under RUN_DIR are checkpoints. Default: its files.", show_default=False)
+]
+InterpolationOption = Annotated[
+    InterpolationChoice | None,
+    typer.Option(help="The trajectory assumed between checkpoints. Default: piecewise-constant.", show_default=False),
+]
+
+
+def _checkpoint_options(
+    from_checkpoints: Path | None, ckpt_dir: Path | None, given: dict[str, object], snapshot_only: dict[str, object]
+) -> None:
+    """Exactly one of CKPT_DIR and --from-checkpoints, and only the options of that input (usage errors)."""
+    if ckpt_dir is not None and from_checkpoints is not None:
+        raise _UsageError(
+            f"give CKPT_DIR (a snapshot folder) or --from-checkpoints RUN_DIR (plain checkpoints), not both; "
+            f"got {ckpt_dir} and --from-checkpoints {from_checkpoints}"
+        )
+    if ckpt_dir is None and from_checkpoints is None:
+        raise _UsageError(
+            "Missing argument 'CKPT_DIR': give a folder of snapshots, or --from-checkpoints RUN_DIR for plain "
+            "model checkpoints"
+        )
+    if ckpt_dir is not None:
+        for name, value in given.items():
+            if value is not None:
+                raise _UsageError(f"{name} applies to --from-checkpoints RUN_DIR, not to a snapshot folder")
+    else:
+        for name, value in snapshot_only.items():
+            if value:
+                raise _UsageError(f"{name} applies to snapshot folders, not to --from-checkpoints")
+
+
 @app.command(short_help="Write the EMA of each target sigma_rel.")
 def synthesize(
-    ckpt_dir: CkptDir,
+    ckpt_dir: OptionalCkptDir = None,
     sigma_rel: SigmaRels = None,
     beta: Betas = None,
     half_life: HalfLives = None,
@@ -594,6 +658,11 @@ def synthesize(
             show_default=False,
         ),
     ] = None,
+    from_checkpoints: FromCheckpoints = None,
+    key: Key = None,
+    step_pattern: StepPattern = None,
+    glob: Glob = None,
+    interpolation: InterpolationOption = None,
 ) -> None:
     """Synthesize the EMA of each target (a sigma_rel or a classic EMA) and write it as a safetensors file.
 
@@ -603,13 +672,28 @@ def synthesize(
     always printed; a warning line marks targets the snapshots reproduce poorly.
     Existing files are not replaced unless --force is given, and nothing is
     written into the snapshot folder.
+
+    With --from-checkpoints RUN_DIR instead of CKPT_DIR, the input is a run's
+    plain model checkpoints (safetensors, or torch.save dicts read with
+    weights_only=True; --key, --step-pattern, --glob and --interpolation say how
+    to read them), and the report says how well they resolve each target.
     """
+    _checkpoint_options(
+        from_checkpoints,
+        ckpt_dir,
+        {"--key": key, "--step-pattern": step_pattern, "--glob": glob, "--interpolation": interpolation},
+        {"--prefix": prefix, "--max-shard-size": max_shard_size},
+    )
     targets = _all_targets(sigma_rel, beta, half_life, ema_start, schedule)  # type: ignore[arg-type]
-    if len(targets) > 1 and output is not None and Path(output).exists() and not Path(output).is_dir():
-        raise typer.BadParameter(
-            f"{output} is a file; with {len(targets)} targets -o must be a folder (one file per target)",
-            param_hint="'-o' / '--output'",
-        )
+    _check_output_for(targets, output)
+    if from_checkpoints is not None:
+        _synthesize_checkpoints(
+            from_checkpoints, targets, output=output, key=key, step_pattern=step_pattern, glob=glob or "*",
+            interpolation=interpolation or InterpolationChoice.piecewise_constant, step=step, device=device,
+            dtype=dtype, force=force, dry_run=dry_run,
+        )  # fmt: skip
+        return
+    ckpt_dir = cast(Path, ckpt_dir)  # not None: checked by _checkpoint_options
     with _library_errors():
         _check_device(device)
         with _shown_warnings():
@@ -929,9 +1013,65 @@ def _image_path(output: Path | None, default: str) -> Path:
     return output if output.suffix else output.with_name(output.name + ".png")
 
 
-class InterpolationChoice(str, enum.Enum):
-    piecewise_constant = "piecewise-constant"
-    trapezoidal = "trapezoidal"
+def _check_output_for(targets: Sequence[object], output: str | None) -> None:
+    if len(targets) > 1 and output is not None and Path(output).exists() and not Path(output).is_dir():
+        raise typer.BadParameter(
+            f"{output} is a file; with {len(targets)} targets -o must be a folder (one file per target)",
+            param_hint="'-o' / '--output'",
+        )
+
+
+def _print_checkpoint_weights(the_plan: CheckpointPlan) -> None:
+    typer.echo("")
+    typer.echo("weights (a column per target, summing to 1; a row per checkpoint):")
+    labels = [the_plan.labels[j] if the_plan.is_classic(j) else _fmt(s) for j, s in enumerate(the_plan.sigma_rels)]
+    body = (
+        [str(info.step), *(f"{w:.6f}" for w in row)]
+        for info, row in zip(the_plan.checkpoints, the_plan.weights, strict=True)
+    )
+    for line in _table(["step", *labels], body, "r" * (len(labels) + 1)):
+        typer.echo(line)
+
+
+def _synthesize_checkpoints(
+    run_dir: Path,
+    targets: Sequence[float | Schedule],
+    *,
+    output: str | None,
+    key: str | None,
+    step_pattern: str | None,
+    glob: str,
+    interpolation: InterpolationChoice,
+    step: int | None,
+    device: Device,
+    dtype: OutputDtype,
+    force: bool,
+    dry_run: bool,
+) -> None:
+    """``synthesize --from-checkpoints`` (and ``from-checkpoints``): plan, report, then one pass over them."""
+    from posthoc_ema import checkpoints
+
+    with _library_errors():
+        _check_device(device)
+        with _shown_warnings():
+            the_plan = checkpoints.plan_checkpoints(
+                run_dir, targets, step_pattern=step_pattern, glob=glob, interpolation=interpolation.value, step=step
+            )
+        typer.echo(the_plan.format_report())
+        if dry_run:
+            _print_checkpoint_weights(the_plan)
+            return
+        paths = _output_paths(output, the_plan)
+        _check_outputs(paths, run_dir, force=force, source="checkpoint folder")
+        state_dicts = checkpoints.run_checkpoints(the_plan, key=key, device=device.value, dtype=dtype.value)
+        with _folders_made() as make:
+            for index, path in enumerate(paths):
+                make(path.parent)
+                try:
+                    checkpoints.save(path, state_dicts[the_plan.key(index)], the_plan, index, overwrite=force)
+                except OSError as err:  # name the file asked for, not its temporary name
+                    raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+                typer.echo(f"wrote {path}")
 
 
 @app.command("from-checkpoints")
@@ -939,7 +1079,11 @@ def from_checkpoints_command(
     run_dir: Annotated[
         Path, typer.Argument(help="Folder of plain model checkpoints (no tracker).", show_default=False)
     ],
-    sigma_rel: SigmaRels,
+    sigma_rel: SigmaRels = None,
+    beta: Betas = None,
+    half_life: HalfLives = None,
+    ema_start: EmaStarts = None,
+    schedule: Specs = None,
     output: Annotated[
         str | None,
         typer.Option(
@@ -947,16 +1091,12 @@ def from_checkpoints_command(
             "-o",
             metavar="PATH",
             help="Output file (one target), or folder (several targets, or a path ending in /). "
-            "Default: ema-SIGMA-STEP.safetensors, here.",
+            "Default: ema-SIGMA-STEP.safetensors (ema-SPEC-STEP for a classic EMA), here.",
             show_default=False,
         ),
     ] = None,
-    key: Annotated[
-        str | None, typer.Option(help="Entry of torch.save files holding the state dict, e.g. state_dict.")
-    ] = None,
-    step_pattern: Annotated[
-        str | None, typer.Option(help=r"Regex with one group for the step in file names, e.g. 'step=(\d+)'.")
-    ] = None,
+    key: Key = None,
+    step_pattern: StepPattern = None,
     glob: Annotated[str, typer.Option(help="Which paths under RUN_DIR are checkpoints.")] = "*",
     interpolation: Annotated[
         InterpolationChoice, typer.Option(help="The trajectory assumed between checkpoints.")
@@ -965,46 +1105,25 @@ def from_checkpoints_command(
     device: Annotated[Device, typer.Option(help="Where to accumulate.")] = Device.cpu,
     dtype: Annotated[OutputDtype, typer.Option(help="Dtype of the floating tensors written.")] = OutputDtype.float32,
     force: Annotated[bool, typer.Option("--force", help="Replace output files that exist.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the report and the weights; read and write no tensors.")
+    ] = False,
 ) -> None:
-    """The EMA of each target sigma_rel from plain checkpoints of a finished run (no tracker needed).
+    """The EMA of each target from plain checkpoints of a finished run: the same as synthesize --from-checkpoints.
 
-    Each checkpoint is a sample of the trajectory, weighted by the target profile
-    integrated against the interpolation. Prints how well the checkpoints resolve
-    each target (effective number of checkpoints, profile mass per interval).
-    Existing files are not replaced unless --force is given, and nothing is
-    written into RUN_DIR.
+    Targets are sigma_rels and classic EMAs (--beta, --half-life, --ema-start,
+    --schedule), as for synthesize. Each checkpoint is a sample of the
+    trajectory, weighted by the target integrated against the interpolation.
+    Prints how well the checkpoints resolve each target (effective number of
+    checkpoints, profile mass per interval). Existing files are not replaced
+    unless --force is given, and nothing is written into RUN_DIR.
     """
-    from posthoc_ema import checkpoints
-
-    targets: list[float] = sigma_rel  # type: ignore[assignment]  # converted by the callback
-    if len(targets) > 1 and output is not None and Path(output).exists() and not Path(output).is_dir():
-        raise typer.BadParameter(
-            f"{output} is a file; with {len(targets)} targets -o must be a folder (one file per target)",
-            param_hint="'-o' / '--output'",
-        )
-    with _library_errors():
-        _check_device(device)
-        with _shown_warnings():
-            the_plan = checkpoints.plan_checkpoints(
-                run_dir,
-                targets,
-                step_pattern=step_pattern,
-                glob=glob,
-                interpolation=interpolation.value,
-                step=step,
-            )
-        typer.echo(the_plan.format_report())
-        paths = _output_paths(output, the_plan)
-        _check_outputs(paths, run_dir, force=force, source="checkpoint folder")
-        state_dicts = checkpoints.run_checkpoints(the_plan, key=key, device=device.value, dtype=dtype.value)
-        with _folders_made() as make:
-            for index, (target, path) in enumerate(zip(the_plan.sigma_rels, paths, strict=True)):
-                make(path.parent)
-                try:
-                    checkpoints.save(path, state_dicts[target], the_plan, index, overwrite=force)
-                except OSError as err:  # name the file asked for, not its temporary name
-                    raise OSError(err.errno, err.strerror or str(err), str(path)) from None
-                typer.echo(f"wrote {path}")
+    targets = _all_targets(sigma_rel, beta, half_life, ema_start, schedule)  # type: ignore[arg-type]
+    _check_output_for(targets, output)
+    _synthesize_checkpoints(
+        run_dir, targets, output=output, key=key, step_pattern=step_pattern, glob=glob, interpolation=interpolation,
+        step=step, device=device, dtype=dtype, force=force, dry_run=dry_run,
+    )  # fmt: skip
 
 
 # -- disk budget -----------------------------------------------------------------------

@@ -21,7 +21,7 @@ import subprocess
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +30,9 @@ from posthoc_ema.errors import EvaluationError
 from posthoc_ema.results import DEFAULT_METRIC, RESULTS_CSV, RESULTS_JSON, SweepResult, SweepRow, row_order
 from posthoc_ema.schedules import Schedule
 from posthoc_ema.synthesis import Plan, StateDict, plan, save, target_key
+
+if TYPE_CHECKING:
+    from posthoc_ema.checkpoints import CheckpointPlan
 
 __all__ = [
     "WEIGHTS_PLACEHOLDER",
@@ -214,8 +217,8 @@ def weights_name(sigma_rel: float, step: int) -> str:
     return f"ema-{float(sigma_rel)!r}-{int(step)}.safetensors"
 
 
-def target_weights_name(the_plan: Plan, index: int) -> str:
-    """File name of target ``index`` of a plan: :func:`weights_name` for a sigma_rel.
+def target_weights_name(the_plan: Plan | CheckpointPlan, index: int) -> str:
+    """File name of target ``index`` of a plan (of snapshots or checkpoints): :func:`weights_name` for a sigma_rel.
 
     For a classic schedule, its spec with ``:`` and ``,`` made ``-`` and ``_``:
     ``ema-constant-beta=0.999_start=8000-20000.safetensors``.

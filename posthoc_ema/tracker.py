@@ -309,6 +309,18 @@ class PostHocEMA:
         final_snapshot: whether :meth:`close` (and the end of a ``with`` block)
             snapshots the current step when it has no snapshot yet, so the end
             of training can be synthesized.
+        rank0_only: under ``torch.distributed`` (DDP), keep the EMAs on rank 0
+            only, to save their memory on the other ranks. By default every
+            rank keeps them, so :meth:`swapped` evaluation works on every rank.
+            With ``rank0_only=True`` the other ranks (the rank is read when the
+            tracker is created) hold no EMA tensor: :meth:`update` only checks
+            and counts the steps there (so every rank agrees on them),
+            :meth:`snapshot`, :meth:`flush` and :meth:`close` work (only rank 0
+            writes, as always), :meth:`state_dict` and :meth:`load_state_dict`
+            carry the counters only (a state saved on rank 0 loads on every
+            rank), and :meth:`ema_state_dict`, :meth:`copy_to`, :meth:`swapped`
+            and :meth:`functional_call` raise ``ValueError``. Without an
+            initialized process group it has no effect.
 
     Raises:
         ValueError: for a sigma_rel outside (0, sqrt(1/12)), repeated sigma_rels,
@@ -354,6 +366,7 @@ class PostHocEMA:
         prefix: str = DEFAULT_PREFIX,
         existing: Literal["error", "overwrite"] = "error",
         final_snapshot: bool = True,
+        rank0_only: bool = False,
     ) -> None:
         if isinstance(sigma_rels, torch.Tensor):
             sigma_rels = sigma_rels.detach().cpu().double().numpy()
@@ -391,7 +404,13 @@ class PostHocEMA:
         self._snapshot_step = 0  # time of the last snapshot
         self._start_steps = [0] * len(sigmas)  # when each power-function EMA began: > 0 for one added on resume
         self._device = None if device is None else torch.device(device)
+        #: Whether ``rank0_only=True`` was given; :attr:`holds_emas` says whether this rank keeps the EMAs.
+        self.rank0_only = bool(rank0_only)
+        self._holds_emas = not self.rank0_only or _is_writer_rank()
+        self._rank = 0 if self._holds_emas else torch.distributed.get_rank()  # for the error on the other ranks
         self._build(model, trainable_only=trainable_only, exclude=tuple(exclude))
+        if not self._holds_emas:
+            self._copied.values = []  # the copied integer buffers: small, but EMA state all the same
         self._init_writing()
         if self.snapshot_dir is not None:
             try:
@@ -453,11 +472,12 @@ class PostHocEMA:
                     t.detach().to(device=ema_device, dtype=ema_dtype, copy=True, memory_format=torch.contiguous_format)
                     for t in sources
                 ]
-                for _ in range(self._n_emas)
+                for _ in range(self._n_emas if self._holds_emas else 0)  # rank0_only: none on other ranks
             ]
             sentinel = next((i for i, t in enumerate(sources) if isinstance(t, torch.nn.Parameter)), 0)
             group = _Group(sources, emas, None, None, src_device, src_dtype, sentinel)
-            _staging_for(group, ema_device, ema_dtype)
+            if self._holds_emas:
+                _staging_for(group, ema_device, ema_dtype)
             for i, t in enumerate(sources):
                 self._slot[id(t)] = (group, i)
             self._groups.append(group)
@@ -515,7 +535,8 @@ class PostHocEMA:
 
     def _flatten(self) -> None:
         self._flat_emas = [
-            [t.view(-1) for _, t in self._ema_items_of(index, self._floating_keys)] for index in range(self._n_emas)
+            [t.view(-1) for _, t in self._ema_items_of(index, self._floating_keys)]
+            for index in range(self._n_emas if self._holds_emas else 0)
         ]
 
     # -- following the model ------------------------------------------------
@@ -647,6 +668,9 @@ class PostHocEMA:
         return self.snapshot_dir is not None and every is not None and self.step // every > self._snapshot_step // every
 
     def _apply(self) -> None:
+        if not self._holds_emas:  # rank0_only on another rank: nothing to average, only the step to record
+            self._ema_step = self.step
+            return
         for group in self._groups:
             sentinel = group.sources[group.sentinel]
             if sentinel.device != group.src_device or sentinel.dtype != group.src_dtype:
@@ -714,6 +738,8 @@ class PostHocEMA:
         )
         if dtype is not None and (not isinstance(new_dtype, torch.dtype) or not new_dtype.is_floating_point):
             raise ValueError(f"dtype={dtype!r} is not a floating dtype; the EMAs are averages (e.g. torch.float32)")
+        if not self._holds_emas:
+            return self
         for group in self._groups:
             ema_device = new_device or group.emas[0][0].device
             ema_dtype = new_dtype or group.emas[0][0].dtype
@@ -743,8 +769,21 @@ class PostHocEMA:
     def _tracked_list(self) -> str:
         return ", ".join([*map(repr, self.sigma_rels), *map(repr, self.names)]) or "nothing"
 
+    @property
+    def holds_emas(self) -> bool:
+        """Whether this process keeps the EMAs: False only on ranks other than 0 with ``rank0_only=True``."""
+        return self._holds_emas
+
+    def _check_holds(self) -> None:
+        if not self._holds_emas:
+            raise ValueError(
+                f"this is rank {self._rank}, and rank0_only=True keeps the EMAs on rank 0 only; "
+                "read them on rank 0, or create PostHocEMA without rank0_only to keep them on every rank"
+            )
+
     def _index(self, sigma_rel: float | str) -> int:
         """The EMA index of a schedule name (a str) or a sigma_rel (a number, matched by profiles.same_sigma_rel)."""
+        self._check_holds()
         if isinstance(sigma_rel, str):
             for i, name in enumerate(self.names):
                 if name == sigma_rel:
@@ -1229,8 +1268,26 @@ class PostHocEMA:
 
         The schedules are recorded by name and metadata spec
         (:func:`posthoc_ema.schedules.to_metadata`). Loads back with
-        ``torch.load(..., weights_only=True)``.
+        ``torch.load(..., weights_only=True)``. On a rank that keeps no EMAs
+        (``rank0_only=True``, see :attr:`holds_emas`) it holds the counters only,
+        marked ``"counters_only": True``; save rank 0's state to resume.
         """
+        if not self._holds_emas:
+            return {
+                "format": STATE_FORMAT,
+                "version": STATE_VERSION,
+                "sigma_rels": list(self.sigma_rels),
+                "step": self.step,
+                "ema_step": self._ema_step,
+                "calls": self._calls,
+                "snapshot_step": self._snapshot_step,
+                "run_id": self.run_id,
+                "start_steps": list(self._start_steps),
+                "emas": [],
+                "schedules": {name: spec for name, _, spec in self._named},
+                "schedule_emas": {},
+                "counters_only": True,
+            }
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
@@ -1266,10 +1323,15 @@ class PostHocEMA:
         restored step come from the interrupted run and are replaced as training
         reaches their step again.
 
+        On a rank that keeps no EMAs (``rank0_only=True``) only the counters are
+        restored, from any state (rank 0's included: load the same checkpoint on
+        every rank).
+
         Raises:
             ValueError: if the state is not a tracker state, holds a sigma_rel this
                 tracker does not track, has other schedules (names or specs), or
-                its tensor names or shapes differ from this tracker's.
+                its tensor names or shapes differ from this tracker's, or if it
+                holds the counters only and this tracker keeps the EMAs.
 
         Example:
             >>> model = torch.nn.Linear(2, 1)
@@ -1304,6 +1366,19 @@ class PostHocEMA:
         saved_of: dict[int, int] = {}  # this tracker's index -> the state's index
         for j, s in enumerate(theirs):
             saved_of[next(i for i, m in enumerate(self.sigma_rels) if profiles.same_sigma_rel(s, m))] = j
+        if not self._holds_emas:  # rank0_only on another rank: the counters only
+            starts = state_dict.get("start_steps", [0] * len(theirs))
+            self._start_steps = [
+                int(starts[saved_of[i]]) if i in saved_of else int(state_dict["ema_step"])
+                for i in range(len(self.sigma_rels))
+            ]
+            self._restore_counters(state_dict)
+            return
+        if state_dict.get("counters_only"):
+            raise ValueError(
+                "the state_dict holds the counters only (saved on a rank other than 0 of a rank0_only=True run) "
+                "and no EMA tensor; load the state saved on rank 0"
+            )
         for saved in [*state_dict["emas"], *state_dict.get("schedule_emas", {}).values()]:
             missing = [k for k in self._keys if k not in saved]
             unexpected = [k for k in saved if k not in self._sources]
@@ -1335,13 +1410,7 @@ class PostHocEMA:
             saved = state_dict["schedule_emas"][name]
             for key, value in self._ema_items(len(self.sigma_rels) + i):
                 value.copy_(saved[key])
-        self.step = int(state_dict["step"])
-        self._ema_step = int(state_dict["ema_step"])
-        self._calls = int(state_dict["calls"])
-        self._snapshot_step = int(state_dict["snapshot_step"])
-        # The resumed run keeps its id, so its snapshots already in the folder are its own.
-        self.run_id, self._legacy_resume = state_dict.get("run_id") or self.run_id, "run_id" not in state_dict
-        self._folder_checked = False
+        self._restore_counters(state_dict)
         if self.snapshot_dir is not None:
             later = [
                 i
@@ -1359,6 +1428,15 @@ class PostHocEMA:
                     len(later),
                     self.step,
                 )
+
+    def _restore_counters(self, state_dict: Mapping[str, Any]) -> None:
+        self.step = int(state_dict["step"])
+        self._ema_step = int(state_dict["ema_step"])
+        self._calls = int(state_dict["calls"])
+        self._snapshot_step = int(state_dict["snapshot_step"])
+        # The resumed run keeps its id, so its snapshots already in the folder are its own.
+        self.run_id, self._legacy_resume = state_dict.get("run_id") or self.run_id, "run_id" not in state_dict
+        self._folder_checked = False
 
 
 def _refuse_sharded(entries: Mapping[str, torch.Tensor]) -> None:

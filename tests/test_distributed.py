@@ -2,7 +2,9 @@
 
 The tracker takes the DDP-wrapped model; its keys have no ``module.`` prefix; every
 rank keeps the EMAs (so ``swapped()`` works on every rank); only rank 0 writes; and
-the snapshots are bit for bit those of a single process fed the same weights.
+the snapshots are bit for bit those of a single process fed the same weights. With
+``rank0_only=True`` the other ranks hold no EMA tensor, count the steps, refuse reads,
+and rank 0 writes the same snapshots.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -222,3 +225,170 @@ def test_a_sharded_model_is_refused_at_construction() -> None:
     for out in run_ranks(FSDP2_WORKER):
         assert out.strip().startswith("'0.weight' is a DTensor (a sharded tensor, as FSDP2's fully_shard makes; 4 such")
         assert "sharded models are not supported yet" in out
+
+
+RANK0_ONLY_WORKER = textwrap.dedent(
+    """
+    import dataclasses, datetime, json, sys
+    from pathlib import Path
+    import torch
+    import torch.distributed as dist
+    from posthoc_ema import PostHocEMA
+
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+    steps, every, run_id = int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+
+    def held(tracker, model):
+        # Every tensor the tracker's attributes reach (containers and its dataclasses, not modules)
+        # that is not one of the model's own: (count, bytes).
+        own = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+        found, seen, todo = {}, set(), list(vars(tracker).values())
+        while todo:
+            x = todo.pop()
+            if id(x) in seen or isinstance(x, torch.nn.Module):
+                continue
+            seen.add(id(x))
+            if isinstance(x, torch.Tensor):
+                if x.untyped_storage().data_ptr() not in own:
+                    found[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            elif isinstance(x, dict):
+                todo += list(x.values())
+            elif isinstance(x, (list, tuple, set)):
+                todo += list(x)
+            elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+                todo += [getattr(x, f.name) for f in dataclasses.fields(x)]
+        return len(found), sum(found.values())
+
+    torch.manual_seed(0)  # the same model and data as WORKER, so the same trajectory
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    model = torch.nn.parallel.DistributedDataParallel(net)
+    emas = PostHocEMA(model, (0.05, 0.10), snapshot_dir=out / f"snaps{rank}", snapshot_every=every, rank0_only=True)
+    emas.run_id = run_id  # the default run's, so that the snapshot files can be compared byte for byte
+    report = {"holds_emas": emas.holds_emas, "held": held(emas, net)}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(8, 6, generator=data), torch.randn(8, 2, generator=data)
+        mine = slice(rank * 8 // world, (rank + 1) * 8 // world)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+        opt.step()
+        emas.update()
+    try:
+        emas.update(step=emas.step)  # steps are validated on every rank
+    except ValueError as err:
+        report["repeated step"] = str(err)
+    report["paths"] = [p.name for p in emas.snapshot()]  # the current step has one: snapshot() works anyway
+    emas.flush()
+    emas.close()
+    report |= {"step": emas.step, "ema_step": emas.ema_step, "held after": held(emas, net)}
+    errors = {}
+    for name, call in {
+        "ema_state_dict": lambda: emas.ema_state_dict(0.05),
+        "copy_to": lambda: emas.copy_to(net, 0.05),
+        "swapped": lambda: emas.swapped(net, 0.05).__enter__(),
+        "functional_call": lambda: emas.functional_call(net, 0.05, (torch.ones(1, 6),)),
+    }.items():
+        try:
+            call()
+        except ValueError as err:
+            errors[name] = str(err)
+    report["errors"] = errors
+    state = emas.state_dict()
+    report["state"] = {k: v for k, v in state.items() if k not in ("emas", "schedule_emas")}
+    report["state tensors"] = sum(len(sd) for sd in [*state["emas"], *state["schedule_emas"].values()])
+    torch.save(state, out / f"state{rank}.pt")
+    dist.barrier()
+    # Resume: every rank loads rank 0's state; rank 0 refuses rank 1's counters-only state.
+    fresh = PostHocEMA(net, (0.05, 0.10), rank0_only=True)
+    fresh.load_state_dict(torch.load(out / "state0.pt", weights_only=True))
+    report["resumed"] = [fresh.step, fresh.ema_step, fresh.run_id == run_id]
+    if rank == 0:
+        try:
+            fresh.load_state_dict(torch.load(out / "state1.pt", weights_only=True))
+        except ValueError as err:
+            report["counters-only state"] = str(err)
+        mine, resumed = emas.ema_state_dict(0.10), fresh.ema_state_dict(0.10)
+        report["resumed ema"] = all(torch.equal(resumed[k], v) for k, v in mine.items())
+    default = PostHocEMA(net, (0.05, 0.10))  # the default on this rank: every EMA kept
+    report["held by default"] = held(default, net)
+    (out / f"report{rank}.json").write_text(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def rank0_only_run(ddp_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("rank0_only")
+    run_id = list_snapshots(ddp_run / "snaps0")[0].run_id
+    assert run_id is not None
+    run_ranks(RANK0_ONLY_WORKER, str(out), str(STEPS), str(EVERY), run_id)
+    return out
+
+
+def _report(run: Path, rank: int) -> dict[str, Any]:
+    return dict(json.loads((run / f"report{rank}.json").read_text()))
+
+
+def test_rank0_only_keeps_no_ema_memory_on_other_ranks(rank0_only_run: Path) -> None:
+    zero, one = _report(rank0_only_run, 0), _report(rank0_only_run, 1)
+    assert zero["holds_emas"] and not one["holds_emas"]
+    assert one["held"] == [0, 0] and one["held after"] == [0, 0]
+    # Rank 0 holds what the default holds on every rank: 2 EMAs of 4 float32 tensors (6*8 + 8 + 8*2 + 2 values).
+    assert zero["held"] == zero["held by default"] == one["held by default"]
+    assert zero["held"][1] >= 2 * 4 * (6 * 8 + 8 + 8 * 2 + 2)
+
+
+def test_rank0_only_snapshots_equal_the_default_runs(rank0_only_run: Path, ddp_run: Path) -> None:
+    default = {i.path.name: i.path for i in list_snapshots(ddp_run / "snaps0")}
+    ours = {i.path.name: i.path for i in list_snapshots(rank0_only_run / "snaps0")}
+    assert ours.keys() == default.keys()
+    for name, path in ours.items():
+        assert path.read_bytes() == default[name].read_bytes(), name
+    other = rank0_only_run / "snaps1"
+    assert not other.exists() or not any(other.iterdir())
+
+
+def test_rank0_only_other_ranks_count_steps_and_refuse_reads(rank0_only_run: Path) -> None:
+    zero, one = _report(rank0_only_run, 0), _report(rank0_only_run, 1)
+    for rank in (zero, one):  # every rank agrees on the steps, and validates them
+        assert (rank["step"], rank["ema_step"]) == (STEPS, STEPS)
+        assert "must be an integer greater than the previous step 20" in rank["repeated step"]
+        assert rank["paths"] == sorted(rank["paths"]) and len(rank["paths"]) == len(SIGMA_RELS)
+        assert rank["resumed"] == [STEPS, STEPS, True]
+    assert zero["errors"] == {}
+    message = "this is rank 1, and rank0_only=True keeps the EMAs on rank 0 only; read them on rank 0"
+    assert set(one["errors"]) == {"ema_state_dict", "copy_to", "swapped", "functional_call"}
+    assert all(e.startswith(message) for e in one["errors"].values())
+    assert one["state"]["counters_only"] is True and one["state tensors"] == 0
+    assert "counters_only" not in zero["state"] and zero["state tensors"] == 2 * 4
+    assert {k: v for k, v in one["state"].items() if k != "counters_only"} == zero["state"]
+    assert zero["counters-only state"].startswith("the state_dict holds the counters only")
+    assert zero["resumed ema"] is True
+
+
+def test_rank0_only_without_a_process_group_has_no_effect() -> None:
+    assert not torch.distributed.is_initialized()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    plain, flagged = PostHocEMA(model, SIGMA_RELS), PostHocEMA(model, SIGMA_RELS, rank0_only=True)
+    with torch.no_grad():
+        for _ in range(5):
+            model.weight.add_(0.1)
+            plain.update()
+            flagged.update()
+    assert flagged.holds_emas and flagged.rank0_only and not plain.rank0_only
+    for s in SIGMA_RELS:
+        for k, v in plain.ema_state_dict(s).items():
+            assert torch.equal(flagged.ema_state_dict(s)[k], v)
+    state = flagged.state_dict()
+    assert "counters_only" not in state
+    with pytest.raises(ValueError, match=r"holds the counters only .* load the state saved on rank 0"):
+        flagged.load_state_dict(state | {"emas": [], "schedule_emas": {}, "counters_only": True})
