@@ -12,17 +12,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from posthoc_ema import profiles
 from posthoc_ema.tracker import PostHocEMA
 
 
-def check_evaluate_with(sigma_rels: Sequence[float] | float, evaluate_with: float | None) -> None:
-    """Raise ValueError unless ``evaluate_with`` is None or one of ``sigma_rels`` (the identity rule)."""
+def check_evaluate_with(
+    sigma_rels: Sequence[float] | float, evaluate_with: float | None, tracker_options: Mapping[str, Any]
+) -> None:
+    """Raise ValueError unless ``evaluate_with`` is None, or a tracked sigma_rel (the identity rule) on every rank."""
     if evaluate_with is None:
         return
+    if tracker_options.get("rank0_only"):
+        raise ValueError(
+            f"evaluate_with={evaluate_with!r} with rank0_only=True: the other ranks keep no EMA to swap in for "
+            "evaluation; pass evaluate_with=None, or leave rank0_only off"
+        )
     tracked = [
         profiles.canonical_sigma_rel(float(s))
         for s in ([sigma_rels] if isinstance(sigma_rels, (int, float)) else sigma_rels)
@@ -67,8 +74,8 @@ def define_callback(callback_base: type[Any], strategies: Any, package: str) -> 
                 (``update_every``, ``device``, ``snapshot_dtype``, ``trainable_only``, ``exclude``).
 
         Raises:
-            ValueError: if ``evaluate_with`` is not one of ``sigma_rels``, and
-                (at fit start) for a sharded strategy.
+            ValueError: if ``evaluate_with`` is not one of ``sigma_rels`` or is
+                given with ``rank0_only=True``, and (at fit start) for a sharded strategy.
 
         Example:
             >>> ema = PostHocEMACallback(sigma_rels=(0.05, 0.10), snapshot_dir="ckpts")  # doctest: +SKIP
@@ -84,7 +91,7 @@ def define_callback(callback_base: type[Any], strategies: Any, package: str) -> 
             **tracker_options: Any,
         ) -> None:
             super().__init__()
-            check_evaluate_with(sigma_rels, evaluate_with)
+            check_evaluate_with(sigma_rels, evaluate_with, tracker_options)
             self.sigma_rels = sigma_rels
             self.snapshot_dir = snapshot_dir
             self.snapshot_every = snapshot_every

@@ -70,8 +70,9 @@ class PostHocEMACallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  
         **tracker_options: passed on to :class:`~posthoc_ema.PostHocEMA`.
 
     Raises:
-        ValueError: if ``evaluate_with`` is not one of ``sigma_rels``; at the start
-            of a resumed run, if the checkpoint holds no tracker state.
+        ValueError: if ``evaluate_with`` is not one of ``sigma_rels`` or is given
+            with ``rank0_only=True``; at the start of a resumed run, if the
+            checkpoint holds no tracker state.
 
     Example:
         >>> ema = PostHocEMACallback(sigma_rels=(0.05, 0.10), snapshot_dir="ckpts")  # doctest: +SKIP
@@ -86,7 +87,7 @@ class PostHocEMACallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  
         evaluate_with: float | None = 0.10,
         **tracker_options: Any,
     ) -> None:
-        check_evaluate_with(sigma_rels, evaluate_with)
+        check_evaluate_with(sigma_rels, evaluate_with, tracker_options)
         self.sigma_rels = sigma_rels
         self.snapshot_dir = snapshot_dir
         self.snapshot_every = snapshot_every

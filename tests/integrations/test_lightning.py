@@ -172,6 +172,12 @@ def test_evaluate_with_must_be_tracked() -> None:
         PostHocEMACallback(sigma_rels=(0.05, 0.10), evaluate_with=0.2)
 
 
+def test_evaluate_with_needs_the_ema_on_every_rank() -> None:
+    with pytest.raises(ValueError, match=r"evaluate_with=0\.1 with rank0_only=True: the other ranks keep no EMA"):
+        PostHocEMACallback(sigma_rels=(0.05, 0.10), rank0_only=True)
+    PostHocEMACallback(sigma_rels=(0.05, 0.10), evaluate_with=None, rank0_only=True)
+
+
 def test_pytorch_lightning_package_name(tmp_path: Path) -> None:
     ptl = pytest.importorskip("pytorch_lightning")
     from posthoc_ema.integrations.pytorch_lightning import PostHocEMACallback as Callback

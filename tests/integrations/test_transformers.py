@@ -150,3 +150,8 @@ def test_resume_without_the_tracker_state_is_an_error(tmp_path: Path) -> None:
     ema = PostHocEMACallback()
     with pytest.raises(ValueError, match=r"resuming at step 4 but .*checkpoint-4/posthoc_ema\.pt does not exist"):
         _trainer(tmp_path, Tiny(), [ema], **saving | {"max_steps": 8}).train(resume_from_checkpoint=True)
+
+
+def test_evaluate_with_needs_the_ema_on_every_rank() -> None:
+    with pytest.raises(ValueError, match=r"evaluate_with=0\.1 with rank0_only=True: the other ranks keep no EMA"):
+        PostHocEMACallback(sigma_rels=(0.05, 0.10), rank0_only=True)
