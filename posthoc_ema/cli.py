@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -280,10 +281,13 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> 
 
 def _print_report(the_plan: Plan) -> None:
     steps = sorted({s.step for s in the_plan.snapshots})
-    tracked = ", ".join(map(_fmt, the_plan.tracked_sigma_rels))
+    kinds = [f"sigma_rels {', '.join(map(_fmt, the_plan.tracked_sigma_rels))}"] if the_plan.tracked_sigma_rels else []
+    by_name = Counter(str(s.name) for s in the_plan.classic_snapshots)
+    if by_name:
+        kinds.append("classic EMAs " + ", ".join(f"{name} ({n})" for name, n in sorted(by_name.items())))
     typer.echo(
         f"reconstructing step {the_plan.step} from {len(the_plan.snapshots)} snapshots "
-        f"(steps {steps[0]}..{steps[-1]}, sigma_rels {tracked})"
+        f"(steps {steps[0]}..{steps[-1]}, {', '.join(kinds)})"
     )
     n = len(the_plan.sigma_rels)
     classic = any(the_plan.is_classic(j) for j in range(n))
@@ -295,7 +299,7 @@ def _print_report(the_plan: Plan) -> None:
         err = float(the_plan.errors[j])
         notes = []
         initial = 0.0 if the_plan.initial_weights is None else float(the_plan.initial_weights[j])
-        if initial > INITIAL_WEIGHT_THRESHOLD:
+        if the_plan.is_classic(j) and the_plan.copy_mismatch(j) > INITIAL_WEIGHT_THRESHOLD:
             at = 0.0 if the_plan.copy_steps is None else float(the_plan.copy_steps[j])
             copy = "initial copy" if at == 0 else f"copy at step {at:g}"
             notes.append(f"CANNOT BE REPRESENTED: its {copy} weighs {initial:.1%}")
@@ -327,7 +331,11 @@ def _print_coefficients(the_plan: Plan) -> None:
     typer.echo("coefficients (a column per target, summing to 1; a row per snapshot):")
     header = ["step", "sigma_rel", *(_label(the_plan, j) for j in range(len(the_plan.sigma_rels)))]
     body = (
-        [str(snap.step), _fmt(snap.sigma_rel), *(f"{c:.6f}".replace("-0.000000", "0.000000") for c in row)]
+        [
+            str(snap.step),
+            str(snap.name) if snap.is_classic else _fmt(snap.sigma_rel),
+            *(f"{c:.6f}".replace("-0.000000", "0.000000") for c in row),
+        ]
         for snap, row in zip(the_plan.snapshots, the_plan.coefficients, strict=True)
     )
     for line in _table(header, body, "r" * len(header)):
@@ -396,11 +404,16 @@ def _check_device(device: Device) -> None:
 
 
 def _checked_plan(
-    ckpt_dir: Path, targets: float | Sequence[float | Schedule], step: int | None, prefix: str | None = None
+    ckpt_dir: Path,
+    targets: float | Sequence[float | Schedule],
+    step: int | None,
+    prefix: str | None = None,
+    *,
+    use_classic: bool = True,
 ) -> Plan:
     """:func:`plan`, refusing targets too narrow to compute in float64 (NumPy's warnings kept inside)."""
     with np.errstate(all="ignore"):
-        the_plan = plan(ckpt_dir, targets, step=step, prefix=prefix)
+        the_plan = plan(ckpt_dir, targets, step=step, prefix=prefix, use_classic=use_classic)
     bad = [j for j, e in enumerate(the_plan.errors) if not math.isfinite(float(e)) and not the_plan.is_classic(j)]
     if bad:
         sigma_rel, gamma = float(the_plan.sigma_rels[bad[0]]), float(the_plan.gammas[bad[0]])
@@ -540,6 +553,14 @@ Prefix = Annotated[
         show_default=False,
     ),
 ]
+NoClassic = Annotated[
+    bool,
+    typer.Option(
+        "--no-classic",
+        help="Leave out the snapshots of classic EMAs (PostHocEMA(schedules=...)); by default they are "
+        "combined with the power-function ones, their profiles being known exactly.",
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -578,6 +599,7 @@ def synthesize(
     ] = None,
     step: Step = None,
     prefix: Prefix = None,
+    no_classic: NoClassic = False,
     device: Annotated[Device, typer.Option(help="Where to accumulate.")] = Device.cpu,
     dtype: Annotated[OutputDtype, typer.Option(help="Dtype of the floating tensors written.")] = OutputDtype.float32,
     force: Annotated[bool, typer.Option("--force", help="Replace output files that exist.")] = False,
@@ -613,7 +635,7 @@ def synthesize(
     with _library_errors():
         _check_device(device)
         with _shown_warnings():
-            the_plan = _checked_plan(ckpt_dir, targets, step, prefix)
+            the_plan = _checked_plan(ckpt_dir, targets, step, prefix, use_classic=not no_classic)
             _print_report(the_plan)
         if dry_run:
             _print_coefficients(the_plan)
@@ -780,6 +802,7 @@ def sweep_command(
     ] = Path("sweep"),
     step: Step = None,
     prefix: Prefix = None,
+    no_classic: NoClassic = False,
     timeout: Annotated[
         float | None,
         typer.Option(
@@ -812,7 +835,7 @@ def sweep_command(
         _check_device(device)
         with warnings.catch_warnings():  # command_sweep plans again, and warns then
             warnings.simplefilter("ignore", PoorReconstructionWarning)
-            _checked_plan(ckpt_dir, targets, step, prefix)  # headers only: refuse bad targets before any work
+            _checked_plan(ckpt_dir, targets, step, prefix, use_classic=not no_classic)  # headers only, before any work
         result = command_sweep(
             ckpt_dir,
             targets,
@@ -822,6 +845,7 @@ def sweep_command(
             maximize=maximize,
             step=step,
             prefix=prefix,
+            use_classic=not no_classic,
             timeout=timeout,
             keep_weights=keep_weights,
             device=device.value,
