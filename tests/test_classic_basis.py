@@ -24,7 +24,7 @@ from safetensors import safe_open
 from posthoc_ema import PostHocEMA, profiles
 from posthoc_ema.errors import PoorReconstructionWarning, SnapshotError
 from posthoc_ema.folders import describe
-from posthoc_ema.schedules import Constant, HalfLife, PowerFunction, Schedule, Threshold, Warmup
+from posthoc_ema.schedules import Constant, HalfLife, Schedule, Threshold, Warmup
 from posthoc_ema.synthesis import _RMS_ROUNDING, UNIT_ROUNDOFF, plan, save, synthesize, synthesize_many
 
 STEPS, EVERY, DIMS, WALK = 2000, 100, 1000, 0.05
@@ -415,7 +415,7 @@ def test_the_cli_lists_and_can_leave_out_the_classic_snapshots(runs) -> None:  #
     assert "from 80 snapshots (steps 100..2000, sigma_rels 0.05, 0.1, classic EMAs fast (20), slow (20))" in out
     assert any(line.split()[:2] == ["2000", "slow"] for line in out.splitlines())
     assert "CANNOT BE REPRESENTED" not in out
-    out, err = invoke("synthesize", folder, "--beta", "0.999", "--dry-run", "--no-classic")
+    out, _ = invoke("synthesize", folder, "--beta", "0.999", "--dry-run", "--no-classic")
     assert "from 40 snapshots (steps 100..2000, sigma_rels 0.05, 0.1)" in out
     assert "CANNOT BE REPRESENTED" in out
 
