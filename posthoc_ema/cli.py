@@ -687,7 +687,11 @@ def _print_info(summary: dict[str, Any]) -> None:
             ("written by", ", ".join(f"posthoc-ema {v}" for v in summary["library_versions"])),
         ]
     else:
-        rows.append(("snapshots", "none readable"))
+        rows.append(("snapshots", "no power-function snapshots" if "classic" in summary else "none readable"))
+    if "classic" in summary:
+        classic = summary["classic"]
+        named = ", ".join(f"{name} ({classic['schedules'][name]}) x{k}" for name, k in classic["names"].items())
+        rows.append(("classic EMAs", f"{classic['snapshots']} files: {named}"))
     if summary["other_files"]:
         count = len(summary["other_files"])
         rows.append(("other files", f"{count} .safetensors file(s) that are not snapshots (ignored)"))
@@ -723,6 +727,14 @@ def info(
         )
         for line in _table(["file", "step", "sigma_rel", "dtype", "size", "run"], rows, "lrrlrl"):
             typer.echo(line)
+        if "classic" in summary:
+            typer.echo("")
+            rows = (
+                [f["file"], str(f["step"]), f["name"], f["schedule"], f["dtype"], _size(f["size"]), f["run"] or "-"]
+                for f in summary["classic"]["files"]
+            )
+            for line in _table(["file", "step", "name", "schedule", "dtype", "size", "run"], rows, "lrlllrl"):
+                typer.echo(line)
 
 
 # -- sweep and plot -----------------------------------------------------------------
