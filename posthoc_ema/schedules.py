@@ -446,6 +446,126 @@ def _overlap(mine: _Chunk, theirs: _Chunk) -> float:
 
 
 @dataclass(frozen=True)
+class _Segments:
+    """Several EMAs on one update grid, cut into segments ``(T_(j-1), T_j]`` at steps ``T_j`` of that grid.
+
+    ``q_(s, j)`` is EMA ``s`` read at ``T_j`` and restricted to segment ``j``. The
+    EMA read at ``T_k`` is, on segment ``j <= k``, ``q_(s, j)`` times the product of
+    its decays in ``(T_j, T_k]`` (the EMA recursion), so every product of these
+    profiles follows from per-segment sums by decayed running sums.
+    """
+
+    ends: FloatArray  # [M] the T_j
+    gammas: FloatArray  # [K]
+    moments: FloatArray  # [S, M, K] <q_(s, j), f_(T_j, g)>
+    pairs: FloatArray  # [S, S, M] <q_(s, j), q_(r, j)>
+    logs: FloatArray  # [S, M] log of the product of the non-zero decays in (0, T_j]
+    copies: npt.NDArray[np.int64]  # [S, M] how many updates in (0, T_j] copy (decay 0)
+
+    def decay(self, s: int, i: ArrayLike, k: int) -> FloatArray:
+        """Product of EMA ``s``'s decays in ``(T_i, T_k]`` for each ``i <= k``."""
+        i = np.asarray(i)
+        return np.where(
+            self.copies[s, k] > self.copies[s, i], 0.0, np.exp(np.minimum(self.logs[s, k] - self.logs[s, i], 0.0))
+        )
+
+    def _segment_log_decay(self, s: int) -> FloatArray:
+        log_decay = np.diff(self.logs[s], prepend=0.0)
+        return np.where(np.diff(self.copies[s], prepend=0) > 0, -1000.0, log_decay)  # exp(-1000) is 0
+
+    def cross(self, s: int, k: int, steps: FloatArray, gammas: FloatArray) -> FloatArray:
+        """``<p_(s, T_k), f_(T, g)>`` for power-function profiles at steps ``T`` among the ends (or after the last)."""
+        if steps.size == 0:
+            return np.zeros(0)
+        g1 = self.gammas + 1.0
+        log_ratio = np.concatenate([[0.0], np.log(self.ends[:-1] / self.ends[1:])])
+        step_decay = self._segment_log_decay(s)[:, None] + log_ratio[:, None] * g1[None, :]
+        at_end = profiles._decayed_cumsum(step_decay, self.moments[s])  # <p_(s, T_j), f_(T_j, g)>
+        klass = np.searchsorted(self.gammas, gammas)
+        later = steps >= self.ends[k]
+        i = np.where(later, k, np.searchsorted(self.ends, steps))
+        # f_(T, g) = (T_k / T)**(g + 1) f_(T_k, g) on (0, T_k] for T >= T_k; p_(s, T_k) = D p_(s, T_i) on (0, T_i].
+        scale = np.where(later, np.exp(g1[klass] * (math.log(self.ends[k]) - np.log(steps))), self.decay(s, i, k))
+        out: FloatArray = scale * at_end[i, klass]
+        return out
+
+    def same_step(self) -> FloatArray:
+        """``[S, S, M]`` products ``<p_(s, T_j), p_(r, T_j)>``."""
+        out = np.empty_like(self.pairs)
+        for s in range(self.pairs.shape[0]):
+            for r in range(s, self.pairs.shape[0]):
+                both = self._segment_log_decay(s) + self._segment_log_decay(r)
+                out[s, r] = out[r, s] = profiles._decayed_cumsum(np.maximum(both, -1000.0), self.pairs[s, r])
+        return out
+
+
+def _segments(scheds: list[Schedule], ends: ArrayLike, gammas: ArrayLike, update_steps: ArrayLike | None) -> _Segments:
+    """The per-segment sums of :class:`_Segments`, in two passes over the updates (bounded chunks).
+
+    Every end must be an update step (the tracker updates at every snapshot step).
+    """
+    t_end = np.asarray(ends, dtype=np.float64)
+    g = np.asarray(gammas, dtype=np.float64)
+    g1 = g + 1.0
+    grid = None if update_steps is None else _check_update_steps(update_steps)
+    last = float(t_end[-1])
+    n = math.floor(last) if grid is None else int(np.searchsorted(grid, last, side="right"))
+    on_grid = np.isin(t_end, grid) if grid is not None else t_end == np.floor(t_end)
+    if not np.all(on_grid):
+        raise ValueError(f"step {float(t_end[~on_grid][0])!r} is not an update step of the grid")
+    n_s, n_m = len(scheds), t_end.size
+    # Pass 1: the decays up to each end (log of the non-zero ones, and how many copy).
+    at_ends = [sched._log_decays(t_end, grid) for sched in scheds]
+    moments = np.zeros((n_s, n_m, g.size))
+    pairs = np.zeros((n_s, n_s, n_m))
+    log_end = np.log(t_end)
+    finite, zeros = np.zeros(n_s), np.zeros(n_s, dtype=np.int64)
+    for lo in range(0, n, _CHUNK):
+        hi = min(n, lo + _CHUNK)
+        if grid is None:
+            t = np.arange(lo + 1, hi + 1, dtype=np.float64)
+            t_prev = t - 1.0
+        else:
+            t = grid[lo:hi]
+            t_prev = np.concatenate([[0.0] if lo == 0 else grid[lo - 1 : lo], t[:-1]])
+        seg = np.searchsorted(t_end, t, side="left")
+        width = t - t_prev
+        log_reach = np.log(t) - log_end[seg]
+        with np.errstate(divide="ignore"):
+            log_keep = np.log1p(-width / t)
+        mass = [np.exp(g1[c] * log_reach) * -np.expm1(g1[c] * log_keep) for c in range(g.size)]
+        density = []
+        for s, sched in enumerate(scheds):
+            lb = sched.log_beta(t, t_prev)
+            copy = np.isneginf(lb)
+            running = finite[s] + np.cumsum(np.where(copy, 0.0, lb))
+            counted = zeros[s] + np.cumsum(copy)
+            logs, copies = at_ends[s]
+            # The weight of each update in the EMA read at the end of its segment: (1 - beta) x later decays.
+            with np.errstate(over="ignore"):
+                w = np.where(copies[seg] > counted, 0.0, -np.expm1(lb) * np.exp(np.minimum(logs[seg] - running, 0.0)))
+            if lo == 0 and copies[0] == 0:
+                w[0] += math.exp(float(logs[0]))  # the initial copy, counted on the first interval
+            finite[s], zeros[s] = float(running[-1]), int(counted[-1])
+            d = w / width
+            density.append(d)
+            for c in range(g.size):
+                moments[s, :, c] += np.bincount(seg, weights=d * mass[c], minlength=n_m)
+        for s in range(n_s):
+            for r in range(s, n_s):
+                pairs[s, r] += np.bincount(seg, weights=density[s] * density[r] * width, minlength=n_m)
+                pairs[r, s] = pairs[s, r]
+    return _Segments(
+        ends=t_end,
+        gammas=g,
+        moments=moments,
+        pairs=pairs,
+        logs=np.array([logs for logs, _ in at_ends]).reshape(n_s, n_m),
+        copies=np.array([copies for _, copies in at_ends]).reshape(n_s, n_m),
+    )
+
+
+@dataclass(frozen=True)
 class PowerFunction(Schedule):
     """The EDM2 power-function EMA (what the tracker keeps): ``beta = (t_prev / t)**(gamma + 1)``.
 

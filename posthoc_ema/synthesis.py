@@ -472,10 +472,8 @@ def _classic_schedule(info: SnapshotInfo) -> Schedule:
         raise SnapshotError(f"{info.path}: cannot use this classic snapshot as a basis ({err})") from None
 
 
-def _carry(log_decays: tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]], i: int, j: int) -> float:
-    """The product of an EMA's decays between query ``i`` and the later query ``j`` of ``Schedule._log_decays``."""
-    logs, copies = log_decays
-    return 0.0 if copies[j] > copies[i] else math.exp(float(logs[j] - logs[i]))
+def _same_grid(a: npt.NDArray[np.float64] | None, b: npt.NDArray[np.float64] | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
 
 
 def _solve_with_classic(
@@ -509,7 +507,13 @@ def _solve_with_classic(
     at ``s'`` is, before ``s``, its profile read at ``s`` times the product of its
     decays in ``(s, s']`` (``s`` being one of its update steps), so
     ``<c_(A, s), c_(B, s')> = D_B(s, s') <c_(A, s), c_(B, s)>`` needs only products
-    of profiles read at the same step (:meth:`~posthoc_ema.schedules.Schedule.inner`).
+    of profiles read at the same step. Those, and the products with the
+    power-function profiles, come from sums over the segments between snapshot
+    steps, in one pass over the updates for all classic EMAs at once
+    (``schedules._segments``): the cost grows with the run's length plus the
+    number of snapshots, not with their product. A classic target on another
+    update grid (``update_every=`` given) is paired with each snapshot by
+    :meth:`~posthoc_ema.schedules.Schedule.inner` instead.
     """
     n_p, n_c, n_t = len(power), len(classic), len(targets)
     p_steps = np.array([s.step for s in power], dtype=np.float64)
@@ -519,6 +523,16 @@ def _solve_with_classic(
     cl = [j for j in range(n_t) if not is_power[j]]
     t_gammas = np.array([float(targets[j].gamma) for j in pw])  # type: ignore[attr-defined]
     out = float(out_step)
+    # The classic EMAs on the tracker's grid (the bases, and the classic targets when they share it), cut at
+    # every snapshot step: every product of theirs from one pass over the updates (schedules._segments).
+    same_grid = _same_grid(basis_grid, target_grid)
+    family = list(dict.fromkeys([s for s, _ in classic] + [targets[j] for j in cl if same_grid]))
+    index = {sched: i for i, sched in enumerate(family)}
+    ends = np.union1d(np.union1d(p_steps, [float(s) for _, s in classic]), [out])
+    row = {float(e): i for i, e in enumerate(ends)}
+    last = ends.size - 1
+    segments = schedules._segments(family, ends, np.union1d(p_gammas, t_gammas), basis_grid)
+    same = segments.same_step()
     # Every snapshot and target with every power-function profile (eq. 151, and exact sums for the classic ones).
     b_p = np.zeros((n_p, n_t))  # <f_i, h_j>
     target_sq = np.zeros(n_t)
@@ -527,45 +541,44 @@ def _solve_with_classic(
         if n_p:
             b_p[:, pw] = profiles._power_cross(p_steps, p_gammas, np.asarray(out), t_gammas)
     for j in cl:
-        target_sq[j] = targets[j].norm_sq(out, update_steps=target_grid)
-        if n_p:
-            b_p[:, j] = targets[j].cross(out, p_steps, p_gammas, update_steps=target_grid)
+        if same_grid:
+            target_sq[j] = same[index[targets[j]], index[targets[j]], last]
+            b_p[:, j] = segments.cross(index[targets[j]], last, p_steps, p_gammas)
+        else:
+            target_sq[j] = targets[j].norm_sq(out, update_steps=target_grid)
+            if n_p:
+                b_p[:, j] = targets[j].cross(out, p_steps, p_gammas, update_steps=target_grid)
     g_pc = np.zeros((n_p, n_c))  # <f_i, c_k>
     b_c = np.zeros((n_c, n_t))  # <c_k, h_j>
     with_steps = np.concatenate([p_steps, np.full(len(pw), out)])
     with_gammas = np.concatenate([p_gammas, t_gammas])
     for k, (sched, step) in enumerate(classic):
         if with_steps.size:
-            products = sched.cross(float(step), with_steps, with_gammas, update_steps=basis_grid)
+            products = segments.cross(index[sched], row[float(step)], with_steps, with_gammas)
             g_pc[:, k] = products[:n_p]
             b_c[k, pw] = products[n_p:]
-    # Classic with classic (and with classic targets): same-step products carried by the decays.
-    steps_c = sorted({step for _, step in classic})
-    query = np.array([*steps_c, out], dtype=np.float64)
-    row = {s: i for i, s in enumerate(steps_c)}
-    decays = {sched: sched._log_decays(query, basis_grid) for sched in {s for s, _ in classic}}
-    t_decays = {j: targets[j]._log_decays(query, target_grid) for j in cl}
-    same_step: dict[tuple[Schedule, Schedule, int], float] = {}
-
-    def at_step(a: Schedule, b: Schedule, step: int) -> float:
-        key = (a, b, step) if (a, b, step) in same_step else (b, a, step)
-        if key not in same_step:
-            same_step[key] = a.inner(float(step), b, update_steps=basis_grid, other_update_steps=basis_grid)
-        return same_step[key]
-
+    # Classic with classic: <c_(A, s), c_(B, s')> = D_B(s, s') <c_(A, s), c_(B, s)> for s <= s'.
     g_cc = np.zeros((n_c, n_c))
     for k, (a_sched, a_step) in enumerate(classic):
+        a, ka = index[a_sched], row[float(a_step)]
         for m in range(k, n_c):
             b_sched, b_step = classic[m]
-            (s_sched, s_step), (l_sched, l_step) = sorted(((a_sched, a_step), (b_sched, b_step)), key=lambda x: x[1])
-            value = _carry(decays[l_sched], row[s_step], row[l_step]) * at_step(s_sched, l_sched, s_step)
+            b, kb = index[b_sched], row[float(b_step)]
+            if ka <= kb:
+                value = float(segments.decay(b, ka, kb)) * same[a, b, ka]
+            else:
+                value = float(segments.decay(a, kb, ka)) * same[a, b, kb]
             g_cc[k, m] = g_cc[m, k] = value
         for j in cl:
-            carried = _carry(t_decays[j], row[a_step], len(steps_c))
-            if carried:
-                b_c[k, j] = carried * a_sched.inner(
-                    float(a_step), targets[j], update_steps=basis_grid, other_update_steps=target_grid
-                )
+            if same_grid:
+                t = index[targets[j]]
+                b_c[k, j] = float(segments.decay(t, ka, last)) * same[a, t, ka]
+            else:  # the target on its own grid, which holds the snapshot steps too: carried the same way
+                logs, copies = targets[j]._log_decays(np.array([float(a_step), out]), target_grid)
+                if copies[1] == copies[0]:
+                    b_c[k, j] = math.exp(min(float(logs[1] - logs[0]), 0.0)) * a_sched.inner(
+                        float(a_step), targets[j], update_steps=basis_grid, other_update_steps=target_grid
+                    )
     # Project the classic profiles and the targets onto the power-function snapshots.
     if n_p:
         rhs = np.concatenate([g_pc, b_p], axis=1)
@@ -787,9 +800,16 @@ def plan(
         coef[rows] = both
         errors[:] = both_errors
         lost = np.isnan(both_errors)
-        # What the classic snapshots' own starting copies give each target's copy.
+        # What the classic snapshots' own starting copies give each target's copy: the initial copy's weight
+        # is the product of all decays (one pass per schedule); a later copy is looked up by a short walk back.
+        at_steps = np.array([float(at) for _, at in bases])
+        products = {sched: sched._log_decays(at_steps, basis_grid) for sched in dict.fromkeys(s for s, _ in bases)}
         for k, (sched, at) in enumerate(bases):
-            their_step, their_weight = schedules.start_copy(sched, at, update_steps=basis_grid)
+            logs, copies = products[sched]
+            if copies[k] == 0:
+                their_step, their_weight = 0.0, math.exp(float(logs[k]))
+            else:
+                their_step, their_weight = schedules.start_copy(sched, at, update_steps=basis_grid)
             same = copy_steps == their_step
             copy_weights[same] += np.nan_to_num(both[len(used_power) + k, same]) * their_weight
     if np.any(lost):
