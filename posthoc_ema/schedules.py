@@ -505,7 +505,7 @@ def _segments(scheds: list[Schedule], ends: ArrayLike, gammas: ArrayLike, update
     Every end must be an update step (the tracker updates at every snapshot step).
     """
     t_end = np.asarray(ends, dtype=np.float64)
-    g = np.asarray(gammas, dtype=np.float64)
+    g = np.unique(np.asarray(gammas, dtype=np.float64))  # sorted: cross looks gammas up by bisection
     g1 = g + 1.0
     grid = None if update_steps is None else _check_update_steps(update_steps)
     last = float(t_end[-1])

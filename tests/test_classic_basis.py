@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from posthoc_ema import PostHocEMA, profiles
+from posthoc_ema import PostHocEMA, profiles, schedules
 from posthoc_ema.errors import PoorReconstructionWarning, SnapshotError
 from posthoc_ema.folders import describe
 from posthoc_ema.schedules import Constant, HalfLife, Schedule, Threshold, Warmup
@@ -119,12 +119,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, np.n
     return {"both": (both, theta), "only": (only, theta)}
 
 
-def independent_products(the_plan, target: Schedule | float, named: dict[str, Schedule]):  # type: ignore[no-untyped-def]
+def independent_products(the_plan, target, named, grid=None, target_grid=None):  # type: ignore[no-untyped-def]
     """Gram matrix, target products and norm of the plan's snapshots and ``target``, from unit-step sums and eq. 151.
 
-    Every schedule here has an update at every step, so every profile is constant on unit steps."""
+    Every update grid here is of integer steps (every step by default), so every classic profile is
+    constant on unit steps."""
     out = the_plan.step
-    grid = np.arange(1.0, out + 1)
+    grid = np.arange(1.0, out + 1) if grid is None else grid
+    target_grid = grid if target_grid is None else target_grid
     power = [i for i, s in enumerate(the_plan.snapshots) if not s.is_classic]
     classic = [i for i, s in enumerate(the_plan.snapshots) if s.is_classic]
     steps = np.array([the_plan.snapshots[i].step for i in power], dtype=np.float64)
@@ -141,7 +143,7 @@ def independent_products(the_plan, target: Schedule | float, named: dict[str, Sc
     gram[np.ix_(classic, classic)] = densities @ densities.T
     cross = np.zeros(n)
     if isinstance(target, Schedule):
-        h = unit_profile(target, grid, out)
+        h = unit_profile(target, target_grid, out)
         cross[power] = masses @ h
         cross[classic] = densities @ h
         norm_sq = float(h @ h)
@@ -358,6 +360,54 @@ def test_forced_updates_at_snapshot_steps_are_on_the_update_grid(tmp_path: Path)
     np.testing.assert_allclose(got, direct, rtol=0, atol=1e-6)
     on_multiples_only = classic_ema(theta, Constant(0.98), np.arange(4.0, 601.0, 4.0), 600)
     assert np.max(np.abs(on_multiples_only - direct)) > 1e-4  # the forced updates matter
+
+
+@pytest.mark.parametrize("update_every", [4, 2, 1])
+def test_a_classic_target_on_the_snapshots_grid_or_another(tmp_path: Path, update_every: int) -> None:
+    theta = walk(600, 8, seed=2)
+    named = {"fast": Constant(0.98), "slow": HalfLife(120.0)}
+    folder = track(tmp_path, theta, (0.05, 0.10), named, snapshot_every=50, update_every=4)
+    target = Constant(0.985)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PoorReconstructionWarning)  # every 2 steps, 0.985 is wide for these
+        the_plan = plan(folder, [target, 0.1], update_every=update_every)
+        got = synthesize(folder, target, update_every=update_every, dtype=torch.float64)["weight"].numpy().ravel()
+    basis = np.union1d(np.arange(4.0, 601.0, 4.0), np.arange(50.0, 601.0, 50.0))
+    grid = np.union1d(np.arange(update_every, 601.0, update_every), np.arange(50.0, 601.0, 50.0))
+    gram, cross, norm_sq, *_ = independent_products(the_plan, target, named, basis, grid)
+    coef = the_plan.coefficients[:, 0]
+    predicted = math.sqrt(max(coef @ gram @ coef - 2 * coef @ cross + norm_sq, 0.0) / norm_sq)
+    assert float(the_plan.errors[0]) == pytest.approx(predicted, rel=1e-4, abs=2e-6)
+    gram, cross, norm_sq, *_ = independent_products(the_plan, 0.1, named, basis)
+    coef = the_plan.coefficients[:, 1]
+    predicted = math.sqrt(max(coef @ gram @ coef - 2 * coef @ cross + norm_sq, 0.0) / norm_sq)
+    assert float(the_plan.errors[1]) == pytest.approx(predicted, rel=1e-4, abs=2e-6)
+    direct = classic_ema(theta, target, grid, 600)
+    assert float(np.linalg.norm(got - direct)) < 3 * float(the_plan.errors[0]) * float(
+        np.linalg.norm(direct - theta[0])
+    )
+
+
+def test_segment_sums_give_the_products_of_the_profiles() -> None:
+    grid = np.union1d(np.arange(4.0, 401.0, 4.0), [50.0, 150.0, 250.0, 350.0])
+    ends = np.arange(50.0, 401.0, 50.0)
+    named = [Constant(0.98), HalfLife(30.0, start=120), Warmup(power=0.75, max_beta=0.99), Constant(0.9, start=1)]
+    gammas = profiles.sigma_rel_to_gamma(np.array([0.05, 0.1, 0.2]))
+    segments = schedules._segments(named, ends, gammas, grid)
+    steps, in_gammas = np.repeat(ends, 3), np.tile(gammas, ends.size)
+    same = segments.same_step()
+    for s, first in enumerate(named):
+        for k, step in enumerate(ends):
+            expected = first.cross(step, steps, in_gammas, update_steps=grid)
+            np.testing.assert_allclose(segments.cross(s, k, steps, in_gammas), expected, rtol=1e-12, atol=1e-18)
+            for r, second in enumerate(named):
+                for m in range(k, ends.size):
+                    got = float(segments.decay(r, k, m)) * same[s, r, k]
+                    p = unit_profile(first, grid, int(step), 400)
+                    q = unit_profile(second, grid, int(ends[m]), 400)
+                    assert got == pytest.approx(float(p @ q), rel=1e-11, abs=1e-18)
+    with pytest.raises(ValueError, match=r"step 7\.0 is not an update step of the grid"):
+        schedules._segments(named, [7.0, 400.0], gammas, grid)
 
 
 def test_without_classic_snapshots_the_plan_is_the_power_function_one(runs, tmp_path: Path) -> None:
