@@ -659,10 +659,17 @@ class Constant(Schedule):
       ``update_parameters`` (``n_averaged == 0``) and averages from the second
       on: ``Constant(beta, start=1)``. It averages parameters only unless
       ``use_buffers=True``.
-    - diffusers' ``EMAModel(decay=beta, update_after_step=k)`` without warm-up
-      (``src/diffusers/training_utils.py``, ``get_decay`` returns 0 while
-      ``optimization_step - k - 1 <= 0``), and timm ``ModelEmaV3`` given
-      ``step``: ``Constant(beta, start=k + 1)``.
+    - timm ``ModelEmaV3(model, decay=beta, update_after_step=k)`` without warm-up,
+      given ``step`` (``timm/utils/model_ema.py``, ``get_decay`` returns 0 while
+      ``step - k - 1 <= 0``, then ``decay``): ``Constant(beta, start=k + 1)``.
+    - diffusers' ``EMAModel(decay=beta, update_after_step=k)`` without warm-up is
+      *not* a constant decay: its ``get_decay`` (``src/diffusers/training_utils.py``
+      in huggingface/diffusers) copies while ``e = optimization_step - k - 1 <= 0``
+      and then ramps the decay as ``(1 + e) / (10 + e)``, clamped to
+      ``[min_decay, decay]``. No class here reproduces it exactly;
+      :class:`Threshold` ``(beta)`` is the same ramp counted from step 0
+      (``(1 + step) / (10 + step)``) without the copies, the nearest (see
+      ``docs/migration.md``). With ``use_ema_warmup=True`` it is :class:`Warmup`.
 
     Args:
         beta: the decay, in [0, 1) (kept as the attribute ``decay``: ``beta`` is the method).
