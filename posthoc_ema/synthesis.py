@@ -9,8 +9,14 @@ A target is a sigma_rel (a power-function EMA, solved exactly as always) or any
 :class:`~posthoc_ema.schedules.Schedule` (a constant decay, a half-life, a
 warm-up...), mixed in one call and one pass. A classic EMA's weights depend on
 its update steps: synthesis takes the tracker's, every ``update_every``-th step
-``k, 2k, ...`` up to the step read (every integer step unless the snapshots'
-metadata says ``update_every > 1``), and records them in the output's metadata.
+``k, 2k, ...`` up to the step read and every snapshot step (every integer step
+unless the snapshots' metadata says ``update_every > 1``), and records them in
+the output's metadata.
+
+Snapshots of classic EMAs (``PostHocEMA(schedules=...)``) are basis profiles
+too: their profiles are known exactly from the schedule in their metadata, so
+they join the power-function snapshots in the same least-squares solve
+(``use_classic=False`` leaves them out).
 """
 
 from __future__ import annotations
@@ -646,15 +652,19 @@ def plan(
     """Solve for the weights of each target without reading any tensor.
 
     A target is a sigma_rel or any :class:`~posthoc_ema.schedules.Schedule`,
-    mixed freely. Power-function targets are solved exactly as for sigma_rels
-    alone; a classic target's profile is known through its exact inner
-    products with the snapshot profiles (:func:`~posthoc_ema.schedules.target_products`)
-    and solved by the same least squares, with the same predicted error.
+    mixed freely. Without classic snapshots, power-function targets are solved
+    exactly as for sigma_rels alone; a classic target's profile is known through
+    its exact inner products with the snapshot profiles
+    (:func:`~posthoc_ema.schedules.target_products`) and solved by the same least
+    squares, with the same predicted error. Snapshots of classic EMAs join the
+    basis (see ``use_classic``), for every target, in one solve.
     A classic EMA updates every ``update_every``-th step ``k, 2k, ...`` up to
-    the step read (every integer step by default), and starts as a copy of the
-    weights at step 0; power-function snapshots give that copy no weight, so a
-    target whose starting copy (at step 0, or at its ``start``) still weighs
-    more than :data:`INITIAL_WEIGHT_THRESHOLD`
+    the step read and at every snapshot step, as the tracker does (every integer
+    step by default), and starts as a copy of the weights at step 0;
+    power-function snapshots give that copy no weight, so a target whose
+    starting copy (at step 0, or at its ``start``) still weighs
+    :data:`INITIAL_WEIGHT_THRESHOLD` more than the reconstruction gives it
+    (:meth:`Plan.copy_mismatch`; only classic snapshots can hold a copy)
     is reported as one the snapshots cannot represent.
 
     Args:
@@ -666,6 +676,13 @@ def plan(
             :class:`PostHocEMA`); needed when several trackers share the folder.
         update_every: the classic targets' update period in steps; default the
             snapshots' ``update_every`` (:attr:`SnapshotInfo.update_every`).
+        use_classic: combine the snapshots of classic EMAs with the
+            power-function ones (the default, whenever the folder has them): each
+            is a basis profile known exactly from the schedule in its metadata, on
+            the tracker's update grid (every ``update_every``-th step and every
+            snapshot step). This changes, for the better, the results from a folder
+            that held such snapshots before they were used. False gives the plan of
+            the power-function snapshots alone, exactly as without them.
 
     Returns:
         A :class:`Plan` with coefficients and predicted errors.
