@@ -475,7 +475,10 @@ def _classic_schedule(info: SnapshotInfo) -> Schedule:
     try:
         return schedules.from_metadata(str(info.schedule))
     except ValueError as err:
-        raise SnapshotError(f"{info.path}: cannot use this classic snapshot as a basis ({err})") from None
+        raise SnapshotError(
+            f"{info.path}: cannot use this classic snapshot as a basis profile ({err}); pass use_classic=False "
+            "(--no-classic) to leave the classic snapshots out"
+        ) from None
 
 
 def _same_grid(a: npt.NDArray[np.float64] | None, b: npt.NDArray[np.float64] | None) -> bool:

@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from posthoc_ema import PostHocEMA, profiles, schedules
 from posthoc_ema.errors import PoorReconstructionWarning, SnapshotError
+from posthoc_ema.files import write_atomic
 from posthoc_ema.folders import describe
 from posthoc_ema.schedules import Constant, HalfLife, Schedule, Threshold, Warmup
 from posthoc_ema.synthesis import _RMS_ROUNDING, UNIT_ROUNDOFF, plan, save, synthesize, synthesize_many
@@ -423,6 +424,21 @@ def test_without_classic_snapshots_the_plan_is_the_power_function_one(runs, tmp_
     assert kept.classic_snapshots == () and "classic_snapshots" not in kept.metadata(0)
     with pytest.raises(SnapshotError, match=r"holds only snapshots of classic EMAs, and use_classic=False"):
         plan(runs["only"][0], 0.1, use_classic=False)
+
+
+def test_a_classic_snapshot_of_an_unknown_schedule_is_named(tmp_path: Path) -> None:
+    theta = walk(100, 4, seed=3)
+    folder = track(tmp_path, theta, (0.1,), {"c": Constant(0.9)}, snapshot_every=50)
+    path = folder / "phema-000000000100-c.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta["schedule"] = '{"class": "Cosine", "beta": 0.9}'
+    path.unlink()
+    write_atomic(path, tensors, meta)
+    with pytest.raises(SnapshotError, match=r"-c\.safetensors: cannot use this classic snapshot as a basis profile "
+                       r"\(schedule spec .* names the class 'Cosine'.*\); pass use_classic=False"):  # fmt: skip
+        plan(folder, 0.1)
+    assert plan(folder, 0.1, use_classic=False).classic_snapshots == ()
 
 
 def test_metadata_and_rounding_count_the_classic_snapshots(runs, tmp_path: Path) -> None:
