@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
@@ -281,10 +282,13 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> 
 
 def _print_report(the_plan: Plan) -> None:
     steps = sorted({s.step for s in the_plan.snapshots})
-    tracked = ", ".join(map(_fmt, the_plan.tracked_sigma_rels))
+    kinds = [f"sigma_rels {', '.join(map(_fmt, the_plan.tracked_sigma_rels))}"] if the_plan.tracked_sigma_rels else []
+    by_name = Counter(str(s.name) for s in the_plan.classic_snapshots)
+    if by_name:
+        kinds.append("classic EMAs " + ", ".join(f"{name} ({n})" for name, n in sorted(by_name.items())))
     typer.echo(
         f"reconstructing step {the_plan.step} from {len(the_plan.snapshots)} snapshots "
-        f"(steps {steps[0]}..{steps[-1]}, sigma_rels {tracked})"
+        f"(steps {steps[0]}..{steps[-1]}, {', '.join(kinds)})"
     )
     n = len(the_plan.sigma_rels)
     classic = any(the_plan.is_classic(j) for j in range(n))
@@ -296,7 +300,7 @@ def _print_report(the_plan: Plan) -> None:
         err = float(the_plan.errors[j])
         notes = []
         initial = 0.0 if the_plan.initial_weights is None else float(the_plan.initial_weights[j])
-        if initial > INITIAL_WEIGHT_THRESHOLD:
+        if the_plan.is_classic(j) and the_plan.copy_mismatch(j) > INITIAL_WEIGHT_THRESHOLD:
             at = 0.0 if the_plan.copy_steps is None else float(the_plan.copy_steps[j])
             copy = "initial copy" if at == 0 else f"copy at step {at:g}"
             notes.append(f"CANNOT BE REPRESENTED: its {copy} weighs {initial:.1%}")
@@ -328,7 +332,11 @@ def _print_coefficients(the_plan: Plan) -> None:
     typer.echo("coefficients (a column per target, summing to 1; a row per snapshot):")
     header = ["step", "sigma_rel", *(_label(the_plan, j) for j in range(len(the_plan.sigma_rels)))]
     body = (
-        [str(snap.step), _fmt(snap.sigma_rel), *(f"{c:.6f}".replace("-0.000000", "0.000000") for c in row)]
+        [
+            str(snap.step),
+            str(snap.name) if snap.is_classic else _fmt(snap.sigma_rel),
+            *(f"{c:.6f}".replace("-0.000000", "0.000000") for c in row),
+        ]
         for snap, row in zip(the_plan.snapshots, the_plan.coefficients, strict=True)
     )
     for line in _table(header, body, "r" * len(header)):
@@ -394,11 +402,16 @@ def _check_device(device: Device) -> None:
 
 
 def _checked_plan(
-    ckpt_dir: Path, targets: float | Sequence[float | Schedule], step: int | None, prefix: str | None = None
+    ckpt_dir: Path,
+    targets: float | Sequence[float | Schedule],
+    step: int | None,
+    prefix: str | None = None,
+    *,
+    use_classic: bool = True,
 ) -> Plan:
     """:func:`plan`, refusing targets too narrow to compute in float64 (NumPy's warnings kept inside)."""
     with np.errstate(all="ignore"):
-        the_plan = plan(ckpt_dir, targets, step=step, prefix=prefix)
+        the_plan = plan(ckpt_dir, targets, step=step, prefix=prefix, use_classic=use_classic)
     bad = [j for j, e in enumerate(the_plan.errors) if not math.isfinite(float(e)) and not the_plan.is_classic(j)]
     if bad:
         sigma_rel, gamma = float(the_plan.sigma_rels[bad[0]]), float(the_plan.gammas[bad[0]])
@@ -538,6 +551,14 @@ Prefix = Annotated[
         show_default=False,
     ),
 ]
+NoClassic = Annotated[
+    bool,
+    typer.Option(
+        "--no-classic",
+        help="Leave out the snapshots of classic EMAs (PostHocEMA(schedules=...)); by default they are "
+        "combined with the power-function ones, their profiles being known exactly.",
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -642,6 +663,7 @@ def synthesize(
     ] = None,
     step: Step = None,
     prefix: Prefix = None,
+    no_classic: NoClassic = False,
     device: Annotated[Device, typer.Option(help="Where to accumulate.")] = Device.cpu,
     dtype: Annotated[OutputDtype, typer.Option(help="Dtype of the floating tensors written.")] = OutputDtype.float32,
     force: Annotated[bool, typer.Option("--force", help="Replace output files that exist.")] = False,
@@ -697,7 +719,7 @@ def synthesize(
     with _library_errors():
         _check_device(device)
         with _shown_warnings():
-            the_plan = _checked_plan(ckpt_dir, targets, step, prefix)
+            the_plan = _checked_plan(ckpt_dir, targets, step, prefix, use_classic=not no_classic)
             _print_report(the_plan)
         if dry_run:
             _print_coefficients(the_plan)
@@ -749,7 +771,11 @@ def _print_info(summary: dict[str, Any]) -> None:
             ("written by", ", ".join(f"posthoc-ema {v}" for v in summary["library_versions"])),
         ]
     else:
-        rows.append(("snapshots", "none readable"))
+        rows.append(("snapshots", "no power-function snapshots" if "classic" in summary else "none readable"))
+    if "classic" in summary:
+        classic = summary["classic"]
+        named = ", ".join(f"{name} ({classic['schedules'][name]}) x{k}" for name, k in classic["names"].items())
+        rows.append(("classic EMAs", f"{classic['snapshots']} files: {named}"))
     if summary["other_files"]:
         count = len(summary["other_files"])
         rows.append(("other files", f"{count} .safetensors file(s) that are not snapshots (ignored)"))
@@ -785,6 +811,14 @@ def info(
         )
         for line in _table(["file", "step", "sigma_rel", "dtype", "size", "run"], rows, "lrrlrl"):
             typer.echo(line)
+        if "classic" in summary:
+            typer.echo("")
+            rows = (
+                [f["file"], str(f["step"]), f["name"], f["schedule"], f["dtype"], _size(f["size"]), f["run"] or "-"]
+                for f in summary["classic"]["files"]
+            )
+            for line in _table(["file", "step", "name", "schedule", "dtype", "size", "run"], rows, "lrlllrl"):
+                typer.echo(line)
 
 
 # -- sweep and plot -----------------------------------------------------------------
@@ -864,6 +898,7 @@ def sweep_command(
     ] = Path("sweep"),
     step: Step = None,
     prefix: Prefix = None,
+    no_classic: NoClassic = False,
     timeout: Annotated[
         float | None,
         typer.Option(
@@ -896,7 +931,7 @@ def sweep_command(
         _check_device(device)
         with warnings.catch_warnings():  # command_sweep plans again, and warns then
             warnings.simplefilter("ignore", PoorReconstructionWarning)
-            _checked_plan(ckpt_dir, targets, step, prefix)  # headers only: refuse bad targets before any work
+            _checked_plan(ckpt_dir, targets, step, prefix, use_classic=not no_classic)  # headers only, before any work
         result = command_sweep(
             ckpt_dir,
             targets,
@@ -906,6 +941,7 @@ def sweep_command(
             maximize=maximize,
             step=step,
             prefix=prefix,
+            use_classic=not no_classic,
             timeout=timeout,
             keep_weights=keep_weights,
             device=device.value,

@@ -322,6 +322,7 @@ def command_sweep(
     on_row: Callable[[SweepRow], None] | None = None,
     on_skip: Callable[[list[str]], None] | None = None,
     prefix: str | None = None,
+    use_classic: bool = True,
 ) -> SweepResult:
     """A :func:`~posthoc_ema.sweeps.sweep` whose evaluation is an external command, resumable.
 
@@ -336,7 +337,7 @@ def command_sweep(
 
     Args:
         snapshot_dir, sigma_rels, metric, maximize, step, device, dtype,
-            memory_budget, batch_size, on_row, prefix: as for :func:`~posthoc_ema.sweeps.sweep`.
+            memory_budget, batch_size, on_row, prefix, use_classic: as for :func:`~posthoc_ema.sweeps.sweep`.
         command: the evaluation, with ``{weights}`` where the file path goes.
         out_dir: folder for the synthesized files and the results; created if
             needed (and removed again if the sweep fails before writing to it).
@@ -371,7 +372,7 @@ def command_sweep(
     if out.resolve() == Path(snapshot_dir).resolve():
         raise ValueError(f"the output folder {out} is the snapshot folder; choose another one (e.g. {out / 'sweep'})")
     # Plan every requested target, so the step and tracked range are known before anything runs.
-    the_plan = plan(snapshot_dir, sigma_rels, step=step, prefix=prefix)
+    the_plan = plan(snapshot_dir, sigma_rels, step=step, prefix=prefix, use_classic=use_classic)
     targets = the_plan.sigma_rels
     fingerprint = _fingerprint(the_plan, snapshot_dir, command, metric)
     previous_result = _earlier_result(out / RESULTS_JSON, the_plan.step, fingerprint)

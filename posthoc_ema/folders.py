@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from posthoc_ema import schedules
 from posthoc_ema.dtypes import FLOATING_DTYPES
 from posthoc_ema.errors import SnapshotError
 from posthoc_ema.files import TMP_SUFFIX
@@ -26,6 +27,14 @@ __all__ = ["describe"]
 
 def _fmt(value: float) -> str:
     return f"{value:.6g}"
+
+
+def _spec(info: SnapshotInfo) -> str:
+    """A classic snapshot's schedule as a one-line spec, or its metadata JSON when this version cannot read it."""
+    try:
+        return schedules.schedule_spec(schedules.from_metadata(str(info.schedule)))
+    except (TypeError, ValueError):
+        return str(info.schedule)
 
 
 def _one_line(err: BaseException) -> str:
@@ -47,9 +56,12 @@ def describe(folder: str | os.PathLike[str]) -> dict[str, Any]:
         snapshots), ``sigma_rels``, ``dtypes``, ``update_every``,
         ``library_versions`` and ``runs`` (each value: how many snapshots have
         it), ``tensors`` and ``parameters`` of the latest snapshot, ``classic``
-        (only when the folder holds snapshots of classic schedules, which
-        synthesis does not use and nothing else here counts:
-        ``{snapshots, names: {name: count}}``), ``files``
+        (only when the folder holds snapshots of classic EMAs,
+        ``PostHocEMA(schedules=...)``, which synthesis combines with the
+        power-function ones and nothing else here counts:
+        ``{snapshots, size_bytes, names: {name: count}, schedules: {name: spec},
+        files: [{file, step, name, schedule, dtype, size, run}]}``, the spec
+        being :func:`~posthoc_ema.schedules.schedule_spec`'s), ``files``
         (one ``{file, step, sigma_rel, dtype, size, run}`` per snapshot, sorted
         by step then sigma_rel), ``other_files``, ``tmp_files``,
         ``corrupt_files`` and ``oddities`` (one sentence each).
@@ -67,7 +79,7 @@ def describe(folder: str | os.PathLike[str]) -> dict[str, Any]:
     snapshots: list[SnapshotInfo] = []
     corrupt: list[dict[str, str]] = []
     others: list[str] = []
-    classic: list[SnapshotInfo] = []  # of classic schedules: counted apart, not used by synthesis
+    classic: list[SnapshotInfo] = []  # of classic schedules: counted apart (their own names, no sigma_rel)
     for path in sorted(folder.glob(f"*{SUFFIX}")):
         if not path.is_file():  # a FIFO would block the read, a folder cannot be read
             continue
@@ -123,9 +135,25 @@ def describe(folder: str | os.PathLike[str]) -> dict[str, Any]:
         "oddities": oddities,
     }
     if classic:
+        classic.sort(key=lambda i: (i.step, str(i.name)))
+        classic_sizes = {i.path: i.path.stat().st_size for i in classic}
         summary["classic"] = {
             "snapshots": len(classic),
+            "size_bytes": sum(classic_sizes.values()),
             "names": dict(sorted(Counter(str(i.name) for i in classic).items())),
+            "schedules": {str(i.name): _spec(i) for i in sorted(classic, key=lambda i: str(i.name))},
+            "files": [
+                {
+                    "file": i.path.name,
+                    "step": i.step,
+                    "name": i.name,
+                    "schedule": _spec(i),
+                    "dtype": i.dtype,
+                    "size": classic_sizes[i.path],
+                    "run": i.run_id,
+                }
+                for i in classic
+            ],
         }
     if not snapshots:
         return summary

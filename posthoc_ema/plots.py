@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from posthoc_ema import profiles
+from posthoc_ema import profiles, schedules
 from posthoc_ema.results import grid_axes
-from posthoc_ema.synthesis import ERROR_WARNING_THRESHOLD, Plan, PoorReconstructionWarning, plan
+from posthoc_ema.schedules import Schedule
+from posthoc_ema.snapshots import SnapshotInfo
+from posthoc_ema.synthesis import ERROR_WARNING_THRESHOLD, Plan, PoorReconstructionWarning, _update_grid, plan
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -103,10 +105,13 @@ def plot_profile(
     out_step = float(the_plan.step)
     sigma_rel = the_plan.sigma_rels[index]
     gamma = float(the_plan.gammas[index])
+    power = np.array([not s.is_classic for s in the_plan.snapshots], dtype=bool)
     steps = np.array([s.step for s in the_plan.snapshots], dtype=np.float64)
-    sigmas = np.array([s.sigma_rel for s in the_plan.snapshots])
+    classic_coef = the_plan.coefficients[~power, index]
+    classic = [s for s in the_plan.snapshots if s.is_classic]
+    steps, sigmas = steps[power], np.array([s.sigma_rel for s in the_plan.snapshots])[power]
     gammas = profiles.sigma_rel_to_gamma(sigmas)
-    coef = the_plan.coefficients[:, index]
+    coef = the_plan.coefficients[power, index]
     # A fine grid plus both sides of every snapshot step, where a profile drops to 0.
     edges = np.unique(steps)
     just_after = edges * (1 + 1e-9)
@@ -126,6 +131,15 @@ def plot_profile(
                 label=f"{len(rows)} weighted snapshots of sigma_rel={s:.3g}" if j == 0 else None,
             )
     recon = (coef[:, None] * profiles.power_profile(t, steps[:, None], gammas[:, None])).sum(axis=0) * out_step
+    for k, name in enumerate(sorted({str(s.name) for s in classic})):
+        members = [m for m, s in enumerate(classic) if s.name == name]
+        for j, m in enumerate(members):
+            line = classic_coef[m] * _snapshot_density(the_plan, classic[m], t) * out_step
+            recon = recon + line
+            ax.plot(
+                t, line, color=f"C{(2 + len(tracked) + k) % 10}", linewidth=0.6, alpha=0.55, linestyle=":",
+                label=f"{len(members)} weighted snapshots of {name}" if j == 0 else None,
+            )  # fmt: skip
     if the_plan.is_classic(index):
         target = _classic_density(the_plan, index, t) * out_step
         name = the_plan.labels[index]
@@ -159,6 +173,24 @@ def plot_profile(
     ax.legend(loc="upper left", fontsize="small", framealpha=0.85)
     ax.grid(alpha=0.3)
     return _finish(fig, path)
+
+
+def _snapshot_density(the_plan: Plan, info: SnapshotInfo, t: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """A classic snapshot's piecewise-constant profile at times ``t``, on the update grid of its run."""
+    schedule = schedules.from_metadata(str(info.schedule))
+    update_steps = _update_grid(info.update_every, info.step, [s.step for s in the_plan.snapshots])
+    return _classic_weights_density(schedule, float(info.step), update_steps, t)
+
+
+def _classic_weights_density(
+    schedule: Schedule, out_step: float, update_steps: npt.NDArray[np.float64] | None, t: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    grid = np.arange(1.0, out_step + 1) if update_steps is None else update_steps
+    weights = schedule.weights(grid, out_step)
+    weights[1] += weights[0]
+    density = weights[1:] / np.diff(np.concatenate([[0.0], grid]))
+    slot = np.clip(np.searchsorted(grid, t, side="left"), 0, grid.size - 1)
+    return np.where((t > 0) & (t <= out_step), density[slot], 0.0)
 
 
 def _classic_density(the_plan: Plan, index: int, t: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:

@@ -512,6 +512,7 @@ def _solve_targets(
     *,
     moments: FloatArray | None = None,
     cross: FloatArray | None = None,
+    normalise: bool = True,
 ) -> tuple[FloatArray, FloatArray]:
     """Least-squares weights of the snapshots for targets given by their inner products.
 
@@ -531,6 +532,10 @@ def _solve_targets(
         cross: ``[n, n_out]`` inner products ``<f_(steps[i], gammas[i]), h>`` (EDM2's
             ``p_dot_p`` of a snapshot with the target). Give this or ``moments``, or both
             (each path uses the one it needs without conversion).
+        normalise: scale each column to sum to 1 (the default). With False the
+            coefficients are those of the L2 projection of each target onto the
+            snapshots' span, unscaled, and the errors are NaN (what a further
+            solve, such as ``synthesis``'s with classic snapshots, builds on).
 
     Returns:
         ``(coef, errors)``: ``[n, n_out]`` weights normalised so each column sums to 1,
@@ -581,6 +586,8 @@ def _solve_targets(
                 - 2 * np.einsum("io,io->o", normalised, cross)
                 + target_sq
             )
+    if not normalise:
+        return coef, np.full(coef.shape[1], np.nan)
     lost = ~(np.abs(total) > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         coef = np.where(lost, np.nan, coef / np.where(lost, 1.0, total))

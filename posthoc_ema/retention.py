@@ -321,7 +321,8 @@ def _planned_snapshots(
 
     with warnings.catch_warnings():  # the target is only there to make a plan; its error is not the point
         warnings.simplefilter("ignore", PoorReconstructionWarning)
-        return plan(snapshot_dir, target, prefix=prefix).snapshots
+        # Power-function snapshots only: pruning weighs their profiles; classic ones are left alone.
+        return plan(snapshot_dir, target, prefix=prefix, use_classic=False).snapshots
 
 
 def apply_retention(the_plan: RetentionPlan) -> list[Path]:

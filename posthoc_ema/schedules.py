@@ -248,14 +248,23 @@ class Schedule(abc.ABC):
         Under the piecewise-constant model the profile ``p`` is the density
         ``d_i = w_i / (t_i - t_(i-1))`` on each update interval, so the product is
         the exact sum ``sum_i d_i (F(t_i) - F(t_(i-1)))`` with
-        ``F(t) = (min(t, T) / T)**(g + 1)``, the mass of ``f`` up to ``t``. Each
-        mass is formed as ``F(b) (1 - (a / b)**(g + 1))`` in log space
-        (``log1p``/``expm1``), never as a difference of two nearly equal
-        numbers: safe for gamma up to 1e4 and more and for 1e7 steps. Updates are walked
-        back from ``out_step`` until the weight left (exactly the product of the
-        decays so far) is below 1e-35. (An exponential profile has no closed form
-        against ``t**g`` that stays finite here: it is a Kummer function of
-        ``t / half_life``.)
+        ``F(t) = (min(t, T) / T)**(g + 1)``, the mass of ``f`` up to ``t``.
+
+        The update intervals are split at the snapshot steps ``T_j`` before
+        ``out_step`` (the density is constant on each piece, so this is exact),
+        and each piece's mass is taken relative to the end of its segment
+        ``(T_(j-1), T_j]``, as ``(b / T_j)**(g + 1) (1 - (a / b)**(g + 1))`` in
+        log space (``log1p``/``expm1``), never as a difference of two nearly equal
+        numbers: safe for gamma up to 1e4 and more and for 1e7 steps. The segment
+        sums are then carried from one segment end to the next by
+        ``(T_(j-1) / T_j)**(g + 1)``, the structure of EDM2's snapshot profiles
+        (``profiles._decayed_cumsum``), and a snapshot at or after ``out_step``
+        scales the whole by ``(out_step / T)**(g + 1)``. So the cost is
+        ``O((updates + snapshot steps) x distinct gammas)``, not updates x
+        snapshots. Updates are walked back from ``out_step`` until the weight left
+        (exactly the product of the decays so far) is below 1e-35. (An
+        exponential profile has no closed form against ``t**g`` that stays finite
+        here: it is a Kummer function of ``t / half_life``.)
 
         Args:
             out_step: when this EMA is read.
@@ -271,22 +280,37 @@ class Schedule(abc.ABC):
         steps_k, gammas_k = np.broadcast_arrays(
             profiles._check_step(in_steps, "step"), profiles._check_gamma(in_gammas)
         )
-        steps_k, g1 = steps_k.reshape(-1), gammas_k.reshape(-1) + 1.0
-
-        log_steps_k = np.log(steps_k)
-        total = np.zeros(steps_k.size)
-        rows = max(1, _CELLS // steps_k.size)  # bound the [updates, snapshots] temporaries
-        for a_all, b_all, d_all in self._densities(update_steps, out_step):
-            for i in range(0, a_all.size, rows):
-                a, b, d = a_all[i : i + rows], b_all[i : i + rows], d_all[i : i + rows]
-                lo = np.minimum(a[:, None], steps_k)
-                hi = np.minimum(b[:, None], steps_k)
-                with np.errstate(divide="ignore"):
-                    # F(hi) * (1 - (lo / hi)**(g + 1)): exactly 0 past T, and log1p/expm1 keep a short
-                    # interval's mass exact where F(hi) - F(lo) would cancel.
-                    mass = np.exp(g1 * (np.log(hi) - log_steps_k))
-                    mass *= -np.expm1(g1 * np.log1p(-(hi - lo) / hi))
-                total += d @ mass
+        steps_k, gammas_k = steps_k.reshape(-1), gammas_k.reshape(-1)
+        out = _check_out_step(out_step)
+        gammas, klass = np.unique(gammas_k, return_inverse=True)
+        klass = klass.reshape(-1)
+        g1 = gammas + 1.0
+        ends = np.unique(np.concatenate([steps_k[steps_k < out], [out]]))  # segment ends, out_step the last
+        log_ends = np.log(ends)
+        sums = np.zeros((ends.size, gammas.size))  # each segment's mass of f_(T_j, g), T_j its end
+        for a_all, b_all, d_all in self._densities(update_steps, out):
+            inside = ends[(ends > a_all[0]) & (ends < b_all[-1])]
+            if inside.size:  # split the intervals at the segment ends inside them
+                b = np.union1d(b_all, inside)
+                d = d_all[np.searchsorted(b_all, b, side="left")]
+                a = np.concatenate([a_all[:1], b[:-1]])
+            else:
+                a, b, d = a_all, b_all, d_all
+            segment = np.searchsorted(ends, b, side="left")  # the first end at or after each piece
+            log_reach = np.log(b) - log_ends[segment]
+            with np.errstate(divide="ignore"):
+                log_keep = np.log1p(-(b - a) / b)  # log(a / b), -inf for a piece from 0
+            for c in range(gammas.size):
+                # (b / T_j)**(g + 1) * (1 - (a / b)**(g + 1)): exact for short pieces, no cancellation.
+                mass = np.exp(g1[c] * log_reach) * -np.expm1(g1[c] * log_keep)
+                sums[:, c] += np.bincount(segment, weights=d * mass, minlength=ends.size)
+        log_ratio = np.concatenate([[0.0], -np.diff(log_ends)])  # log(T_(j-1) / T_j) <= 0; row 0 unused
+        at_end = profiles._decayed_cumsum(log_ratio[:, None] * g1[None, :], sums)  # <p, f_(T_j, g)>, p on (0, T_j]
+        after = steps_k >= out
+        row = np.where(after, ends.size - 1, np.searchsorted(ends, steps_k))
+        total: FloatArray = at_end[np.minimum(row, ends.size - 1), klass]
+        # A snapshot at or after out_step: f_(T, g) = (out / T)**(g + 1) f_(out, g) where p lives.
+        total = np.where(after, np.exp(g1[klass] * (math.log(out) - np.log(steps_k))) * total, total)
         return total
 
     def norm_sq(self, out_step: float, *, update_steps: ArrayLike | None = None) -> float:
@@ -295,6 +319,91 @@ class Schedule(abc.ABC):
         Args and Raises: as for :meth:`cross`.
         """
         return float(sum(np.sum(d * d * (b - a)) for a, b, d in self._densities(update_steps, out_step)))
+
+    def inner(
+        self,
+        out_step: float,
+        other: Schedule,
+        other_out_step: float | None = None,
+        *,
+        update_steps: ArrayLike | None = None,
+        other_update_steps: ArrayLike | None = None,
+    ) -> float:
+        """Inner product ``<p, q>`` of this EMA's profile read at ``out_step`` with another EMA's, exactly.
+
+        Both are piecewise-constant densities (the module docstring) on their own
+        update intervals: the breakpoints of the two are merged, and on each
+        piece between merged breakpoints both densities are constant, so
+        ``<p, q> = sum over pieces of p q (length)``, with no approximation. The
+        two profiles are walked back from their read steps in bounded chunks,
+        each stopping where its weight left is below 1e-35, so memory stays
+        bounded for runs of 1e7 steps. A power function ``other`` is taken
+        piecewise constant too (on its update grid), unlike :meth:`cross`, which
+        uses its continuous profile.
+
+        Args:
+            out_step: when this EMA is read.
+            other: the other EMA's schedule.
+            other_out_step: when the other EMA is read; default ``out_step``.
+            update_steps: this EMA's update steps; default every integer step up to ``out_step``.
+            other_update_steps: the other EMA's update steps; default every integer step.
+
+        Returns:
+            The inner product, a float (``norm_sq`` when ``other`` is this schedule on the same grid).
+
+        Raises:
+            ValueError: for bad steps, or no update at or before a read step.
+
+        Example:
+            >>> Constant(0.5).inner(2, Constant(0.5)) == Constant(0.5).norm_sq(2)
+            True
+            >>> Constant(0.5).inner(1, Constant(0.0), 2)  # (1 on (0, 1]) x (0 on (0, 1], then 1)
+            0.0
+        """
+        read = out_step if other_out_step is None else other_out_step
+        mine = self._densities(update_steps, out_step)
+        theirs = other._densities(other_update_steps, read)
+        a, b = next(mine, None), next(theirs, None)
+        total = 0.0
+        while a is not None and b is not None:
+            total += _overlap(a, b)
+            # The chunk that reaches less far back is used up; the other may meet the next one too.
+            if a[0][0] >= b[0][0]:
+                a = next(mine, None)
+            else:
+                b = next(theirs, None)
+        return total
+
+    def _log_decays(self, steps: ArrayLike, update_steps: ArrayLike | None) -> tuple[FloatArray, npt.NDArray[np.int64]]:
+        """``(log of the product of the non-zero decays, number of zero decays)`` of the updates up to each step.
+
+        The product of all decays up to ``s`` is the initial copy's weight at
+        ``s``; between two steps ``s < s'`` it carries the EMA read at ``s`` into
+        the one read at ``s'`` (0 when an update between them copies).
+        """
+        query = np.asarray(steps, dtype=np.float64).reshape(-1)
+        grid = None if update_steps is None else _check_update_steps(update_steps)
+        last = float(query.max()) if query.size else 0.0
+        n = math.floor(last) if grid is None else int(np.searchsorted(grid, last, side="right"))
+        log_sum, copies = np.zeros(query.size), np.zeros(query.size, dtype=np.int64)
+        finite, zeros = 0.0, 0
+        for lo in range(0, n, _CHUNK):
+            hi = min(n, lo + _CHUNK)
+            if grid is None:
+                t = np.arange(lo + 1, hi + 1, dtype=np.float64)
+                t_prev = t - 1.0
+            else:
+                t = grid[lo:hi]
+                t_prev = np.concatenate([[0.0] if lo == 0 else grid[lo - 1 : lo], t[:-1]])
+            lb = self.log_beta(t, t_prev)
+            copy = np.isneginf(lb)
+            running = finite + np.cumsum(np.where(copy, 0.0, lb))
+            counted = zeros + np.cumsum(copy)
+            here = query >= t[0]
+            at = np.searchsorted(t, query[here], side="right") - 1
+            log_sum[here], copies[here] = running[at], counted[at]
+            finite, zeros = float(running[-1]), int(counted[-1])
+        return log_sum, copies
 
     def std(self, out_step: float, *, update_steps: ArrayLike | None = None) -> float:
         """Standard deviation, in steps, of this EMA's profile read at ``out_step``.
@@ -315,6 +424,145 @@ class Schedule(abc.ABC):
             m2 += float(w @ (mid * mid + (b - a) ** 2 / 12.0))
         mean = m1 / m0
         return math.sqrt(max(m2 / m0 - mean * mean, 0.0))
+
+
+_Chunk = tuple[FloatArray, FloatArray, FloatArray]
+
+
+def _overlap(mine: _Chunk, theirs: _Chunk) -> float:
+    """``integral p q`` where two chunks ``(a, b, d)`` of contiguous intervals (density ``d`` on ``(a, b]``) meet."""
+    a1, b1, d1 = mine
+    a2, b2, d2 = theirs
+    lo, hi = max(a1[0], a2[0]), min(b1[-1], b2[-1])
+    if not lo < hi:
+        return 0.0
+    # The merged breakpoints inside (lo, hi), then hi: both densities are constant on each piece.
+    ends = np.union1d(b1[(b1 > lo) & (b1 < hi)], b2[(b2 > lo) & (b2 < hi)])
+    ends = np.concatenate([ends, [hi]])
+    starts = np.concatenate([[lo], ends[:-1]])
+    p = d1[np.searchsorted(b1, ends, side="left")]
+    q = d2[np.searchsorted(b2, ends, side="left")]
+    return float(np.sum(p * q * (ends - starts)))
+
+
+@dataclass(frozen=True)
+class _Segments:
+    """Several EMAs on one update grid, cut into segments ``(T_(j-1), T_j]`` at steps ``T_j`` of that grid.
+
+    ``q_(s, j)`` is EMA ``s`` read at ``T_j`` and restricted to segment ``j``. The
+    EMA read at ``T_k`` is, on segment ``j <= k``, ``q_(s, j)`` times the product of
+    its decays in ``(T_j, T_k]`` (the EMA recursion), so every product of these
+    profiles follows from per-segment sums by decayed running sums.
+    """
+
+    ends: FloatArray  # [M] the T_j
+    gammas: FloatArray  # [K]
+    moments: FloatArray  # [S, M, K] <q_(s, j), f_(T_j, g)>
+    pairs: FloatArray  # [S, S, M] <q_(s, j), q_(r, j)>
+    logs: FloatArray  # [S, M] log of the product of the non-zero decays in (0, T_j]
+    copies: npt.NDArray[np.int64]  # [S, M] how many updates in (0, T_j] copy (decay 0)
+
+    def decay(self, s: int, i: ArrayLike, k: int) -> FloatArray:
+        """Product of EMA ``s``'s decays in ``(T_i, T_k]`` for each ``i <= k``."""
+        i = np.asarray(i)
+        return np.where(
+            self.copies[s, k] > self.copies[s, i], 0.0, np.exp(np.minimum(self.logs[s, k] - self.logs[s, i], 0.0))
+        )
+
+    def _segment_log_decay(self, s: int) -> FloatArray:
+        log_decay = np.diff(self.logs[s], prepend=0.0)
+        return np.where(np.diff(self.copies[s], prepend=0) > 0, -1000.0, log_decay)  # exp(-1000) is 0
+
+    def cross(self, s: int, k: int, steps: FloatArray, gammas: FloatArray) -> FloatArray:
+        """``<p_(s, T_k), f_(T, g)>`` for power-function profiles at steps ``T`` among the ends (or after the last)."""
+        if steps.size == 0:
+            return np.zeros(0)
+        g1 = self.gammas + 1.0
+        log_ratio = np.concatenate([[0.0], np.log(self.ends[:-1] / self.ends[1:])])
+        step_decay = self._segment_log_decay(s)[:, None] + log_ratio[:, None] * g1[None, :]
+        at_end = profiles._decayed_cumsum(step_decay, self.moments[s])  # <p_(s, T_j), f_(T_j, g)>
+        klass = np.searchsorted(self.gammas, gammas)
+        later = steps >= self.ends[k]
+        i = np.where(later, k, np.searchsorted(self.ends, steps))
+        # f_(T, g) = (T_k / T)**(g + 1) f_(T_k, g) on (0, T_k] for T >= T_k; p_(s, T_k) = D p_(s, T_i) on (0, T_i].
+        scale = np.where(later, np.exp(g1[klass] * (math.log(self.ends[k]) - np.log(steps))), self.decay(s, i, k))
+        out: FloatArray = scale * at_end[i, klass]
+        return out
+
+    def same_step(self) -> FloatArray:
+        """``[S, S, M]`` products ``<p_(s, T_j), p_(r, T_j)>``."""
+        out = np.empty_like(self.pairs)
+        for s in range(self.pairs.shape[0]):
+            for r in range(s, self.pairs.shape[0]):
+                both = self._segment_log_decay(s) + self._segment_log_decay(r)
+                out[s, r] = out[r, s] = profiles._decayed_cumsum(np.maximum(both, -1000.0), self.pairs[s, r])
+        return out
+
+
+def _segments(scheds: list[Schedule], ends: ArrayLike, gammas: ArrayLike, update_steps: ArrayLike | None) -> _Segments:
+    """The per-segment sums of :class:`_Segments`, in two passes over the updates (bounded chunks).
+
+    Every end must be an update step (the tracker updates at every snapshot step).
+    """
+    t_end = np.asarray(ends, dtype=np.float64)
+    g = np.unique(np.asarray(gammas, dtype=np.float64))  # sorted: cross looks gammas up by bisection
+    g1 = g + 1.0
+    grid = None if update_steps is None else _check_update_steps(update_steps)
+    last = float(t_end[-1])
+    n = math.floor(last) if grid is None else int(np.searchsorted(grid, last, side="right"))
+    on_grid = np.isin(t_end, grid) if grid is not None else t_end == np.floor(t_end)
+    if not np.all(on_grid):
+        raise ValueError(f"step {float(t_end[~on_grid][0])!r} is not an update step of the grid")
+    n_s, n_m = len(scheds), t_end.size
+    # Pass 1: the decays up to each end (log of the non-zero ones, and how many copy).
+    at_ends = [sched._log_decays(t_end, grid) for sched in scheds]
+    moments = np.zeros((n_s, n_m, g.size))
+    pairs = np.zeros((n_s, n_s, n_m))
+    log_end = np.log(t_end)
+    finite, zeros = np.zeros(n_s), np.zeros(n_s, dtype=np.int64)
+    for lo in range(0, n, _CHUNK):
+        hi = min(n, lo + _CHUNK)
+        if grid is None:
+            t = np.arange(lo + 1, hi + 1, dtype=np.float64)
+            t_prev = t - 1.0
+        else:
+            t = grid[lo:hi]
+            t_prev = np.concatenate([[0.0] if lo == 0 else grid[lo - 1 : lo], t[:-1]])
+        seg = np.searchsorted(t_end, t, side="left")
+        width = t - t_prev
+        log_reach = np.log(t) - log_end[seg]
+        with np.errstate(divide="ignore"):
+            log_keep = np.log1p(-width / t)
+        mass = [np.exp(g1[c] * log_reach) * -np.expm1(g1[c] * log_keep) for c in range(g.size)]
+        density = []
+        for s, sched in enumerate(scheds):
+            lb = sched.log_beta(t, t_prev)
+            copy = np.isneginf(lb)
+            running = finite[s] + np.cumsum(np.where(copy, 0.0, lb))
+            counted = zeros[s] + np.cumsum(copy)
+            logs, copies = at_ends[s]
+            # The weight of each update in the EMA read at the end of its segment: (1 - beta) x later decays.
+            with np.errstate(over="ignore"):
+                w = np.where(copies[seg] > counted, 0.0, -np.expm1(lb) * np.exp(np.minimum(logs[seg] - running, 0.0)))
+            if lo == 0 and copies[0] == 0:
+                w[0] += math.exp(float(logs[0]))  # the initial copy, counted on the first interval
+            finite[s], zeros[s] = float(running[-1]), int(counted[-1])
+            d = w / width
+            density.append(d)
+            for c in range(g.size):
+                moments[s, :, c] += np.bincount(seg, weights=d * mass[c], minlength=n_m)
+        for s in range(n_s):
+            for r in range(s, n_s):
+                pairs[s, r] += np.bincount(seg, weights=density[s] * density[r] * width, minlength=n_m)
+                pairs[r, s] = pairs[s, r]
+    return _Segments(
+        ends=t_end,
+        gammas=g,
+        moments=moments,
+        pairs=pairs,
+        logs=np.array([logs for logs, _ in at_ends]).reshape(n_s, n_m),
+        copies=np.array([copies for _, copies in at_ends]).reshape(n_s, n_m),
+    )
 
 
 @dataclass(frozen=True)
@@ -411,10 +659,17 @@ class Constant(Schedule):
       ``update_parameters`` (``n_averaged == 0``) and averages from the second
       on: ``Constant(beta, start=1)``. It averages parameters only unless
       ``use_buffers=True``.
-    - diffusers' ``EMAModel(decay=beta, update_after_step=k)`` without warm-up
-      (``src/diffusers/training_utils.py``, ``get_decay`` returns 0 while
-      ``optimization_step - k - 1 <= 0``), and timm ``ModelEmaV3`` given
-      ``step``: ``Constant(beta, start=k + 1)``.
+    - timm ``ModelEmaV3(model, decay=beta, update_after_step=k)`` without warm-up,
+      given ``step`` (``timm/utils/model_ema.py``, ``get_decay`` returns 0 while
+      ``step - k - 1 <= 0``, then ``decay``): ``Constant(beta, start=k + 1)``.
+    - diffusers' ``EMAModel(decay=beta, update_after_step=k)`` without warm-up is
+      *not* a constant decay: its ``get_decay`` (``src/diffusers/training_utils.py``
+      in huggingface/diffusers) copies while ``e = optimization_step - k - 1 <= 0``
+      and then ramps the decay as ``(1 + e) / (10 + e)``, clamped to
+      ``[min_decay, decay]``. No class here reproduces it exactly;
+      :class:`Threshold` ``(beta)`` is the same ramp counted from step 0
+      (``(1 + step) / (10 + step)``) without the copies, the nearest (see
+      ``docs/migration.md``). With ``use_ema_warmup=True`` it is :class:`Warmup`.
 
     Args:
         beta: the decay, in [0, 1) (kept as the attribute ``decay``: ``beta`` is the method).

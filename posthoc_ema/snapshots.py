@@ -88,8 +88,8 @@ class SnapshotInfo:
         name: the name of a classic schedule's EMA (``PostHocEMA(schedules={name: ...})``);
             None for a power-function snapshot.
         schedule: that schedule's JSON spec (:func:`posthoc_ema.schedules.to_metadata`);
-            None for a power-function snapshot. Synthesis uses only power-function
-            snapshots, so :func:`list_snapshots` leaves these out unless asked.
+            None for a power-function snapshot. :func:`list_snapshots` leaves these
+            out unless asked; synthesis combines them with the power-function ones.
         tensors: name -> (safetensors dtype, shape) of every tensor, from the header.
         offsets: name -> absolute byte offset of the tensor's data in the file.
     """
@@ -258,8 +258,8 @@ def list_snapshots(
             :class:`SnapshotInfo`); default: all.
         include_classic: also list the snapshots of classic schedules
             (``PostHocEMA(schedules=...)``), after the power-function ones of
-            their step. They are left out by default: synthesis combines
-            power-function profiles only.
+            their step. They are left out by default (they have no sigma_rel);
+            :func:`~posthoc_ema.synthesis.plan` asks for them.
         skip_unreadable: log a warning for a corrupt or truncated file and go on,
             instead of raising (the tracker's own checks of its folder do this: a
             half-downloaded foreign file must not stop training).

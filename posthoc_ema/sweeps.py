@@ -200,6 +200,7 @@ def sweep(
     batch_size: int | None = None,
     on_row: Callable[[SweepRow], None] | None = None,
     prefix: str | None = None,
+    use_classic: bool = True,
 ) -> SweepResult:
     """Synthesize the EMA of each sigma_rel, evaluate it, and tabulate the results.
 
@@ -228,6 +229,8 @@ def sweep(
         on_row: called with each :class:`SweepRow` as soon as it is evaluated.
         prefix: use the snapshots of this tracker prefix only, as for
             :func:`~posthoc_ema.synthesis.plan` (needed for a folder shared by several trackers).
+        use_classic: combine the snapshots of classic EMAs too, as for
+            :func:`~posthoc_ema.synthesis.plan` (the default).
 
     Returns:
         A :class:`SweepResult`, rows sorted by sigma_rel, then the classic
@@ -252,7 +255,7 @@ def sweep(
         >>> result.best.sigma_rel  # doctest: +SKIP
         0.13
     """
-    the_plan = plan(snapshot_dir, sigma_rels, step=step, prefix=prefix)
+    the_plan = plan(snapshot_dir, sigma_rels, step=step, prefix=prefix, use_classic=use_classic)
     out_dtype = parse_dtype(dtype)
     return _run_plan(
         the_plan,

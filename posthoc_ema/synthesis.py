@@ -9,8 +9,14 @@ A target is a sigma_rel (a power-function EMA, solved exactly as always) or any
 :class:`~posthoc_ema.schedules.Schedule` (a constant decay, a half-life, a
 warm-up...), mixed in one call and one pass. A classic EMA's weights depend on
 its update steps: synthesis takes the tracker's, every ``update_every``-th step
-``k, 2k, ...`` up to the step read (every integer step unless the snapshots'
-metadata says ``update_every > 1``), and records them in the output's metadata.
+``k, 2k, ...`` up to the step read and every snapshot step (every integer step
+unless the snapshots' metadata says ``update_every > 1``), and records them in
+the output's metadata.
+
+Snapshots of classic EMAs (``PostHocEMA(schedules=...)``) are basis profiles
+too: their profiles are known exactly from the schedule in their metadata, so
+they join the power-function snapshots in the same least-squares solve
+(``use_classic=False`` leaves them out).
 """
 
 from __future__ import annotations
@@ -111,8 +117,14 @@ class Plan:
             than any power function. It orders and plots targets; it is their
             identity only for power-function targets (see :attr:`targets`).
         gammas: their exponents (NaN for a classic schedule).
-        snapshots: the snapshots used (step <= ``step``), sorted by (step, sigma_rel).
-        coefficients: ``[n_snapshots, n_targets]`` float64 weights; columns sum to 1.
+        snapshots: the snapshots used (step <= ``step``), sorted by step: at each
+            step the power-function ones by sigma_rel, then those of classic EMAs
+            (:attr:`SnapshotInfo.is_classic`) by name. Classic snapshots are basis
+            profiles like the others (their profile is known exactly from the
+            schedule in their metadata) unless :func:`plan` was given
+            ``use_classic=False``; :attr:`classic_snapshots` lists them.
+        coefficients: ``[n_snapshots, n_targets]`` float64 weights, a row per
+            snapshot (classic ones included); columns sum to 1.
         errors: predicted relative L2 error of each reconstructed profile.
         coefficient_norms: L2 norm of each column; large norms amplify noise.
         outside: whether each target lies outside the tracked sigma_rel range.
@@ -130,10 +142,17 @@ class Plan:
             :attr:`step` (:func:`~posthoc_ema.schedules.start_copy`): the initial
             copy (the weights at step 0), or the copy at its ``start``; about 0
             for a power function. Above :data:`INITIAL_WEIGHT_THRESHOLD` the target
-            cannot be represented.
+            cannot be represented unless classic snapshots hold the same copy
+            (see :attr:`copy_weights`).
         copy_steps: the step of each target's starting copy (0: the initial copy).
         update_every: the classic targets' update grid: an update at every
-            ``update_every``-th step up to :attr:`step` (from the snapshots' metadata).
+            ``update_every``-th step up to :attr:`step` (from the snapshots'
+            metadata), and at every snapshot step, where the tracker updates too
+            (see :meth:`update_steps`).
+        copy_weights: the weight the reconstruction gives to each target's starting
+            copy: the classic snapshots' own weights on that same copy, combined by
+            the coefficients (power-function snapshots give a copy none). 0 without
+            classic snapshots; None in plans built by hand before it existed.
     """
 
     step: int
@@ -150,6 +169,7 @@ class Plan:
     initial_weights: npt.NDArray[np.float64] | None = None
     update_every: int = 1
     copy_steps: npt.NDArray[np.float64] | None = None
+    copy_weights: npt.NDArray[np.float64] | None = None
 
     def _targets(self) -> tuple[Schedule, ...]:
         return self.targets or tuple(PowerFunction(sigma_rel=s) for s in self.sigma_rels)
@@ -169,15 +189,29 @@ class Plan:
         return _target_key_of(self._targets()[index])
 
     def update_steps(self) -> npt.NDArray[np.float64] | None:
-        """The classic targets' update steps: None for every integer step, else ``k, 2k, ...`` up to :attr:`step`."""
-        if self.update_every == 1:
-            return None
-        return np.arange(self.update_every, self.step + 1, self.update_every, dtype=np.float64)
+        """The classic targets' update steps: None for every integer step, else ``k, 2k, ...`` up to :attr:`step`
+        and the steps of the snapshots used (the tracker also updates at every snapshot step)."""
+        return _update_grid(self.update_every, self.step, [s.step for s in self.snapshots])
 
     @property
     def tracked_sigma_rels(self) -> tuple[float, ...]:
-        """The sigma_rels of the snapshots used."""
-        return tuple(sorted({s.sigma_rel for s in self.snapshots}))
+        """The sigma_rels of the power-function snapshots used."""
+        return tuple(sorted({s.sigma_rel for s in self.snapshots if not s.is_classic}))
+
+    @property
+    def classic_snapshots(self) -> tuple[SnapshotInfo, ...]:
+        """The snapshots of classic EMAs used as basis profiles (empty with ``use_classic=False``)."""
+        return tuple(s for s in self.snapshots if s.is_classic)
+
+    def copy_mismatch(self, index: int) -> float:
+        """How much more weight target ``index``'s starting copy has than its reconstruction gives it.
+
+        Above :data:`INITIAL_WEIGHT_THRESHOLD` the target cannot be represented:
+        no snapshot holds that copy (one step's weights, a point mass) as it does.
+        """
+        initial = 0.0 if self.initial_weights is None else float(self.initial_weights[index])
+        given = 0.0 if self.copy_weights is None else float(self.copy_weights[index])
+        return abs(initial - given)
 
     def subset(self, index: Sequence[int]) -> Plan:
         """The plan of targets ``index`` only (same snapshots and step)."""
@@ -188,6 +222,7 @@ class Plan:
             targets=tuple(self.targets[i] for i in index) if self.targets else (),
             initial_weights=None if self.initial_weights is None else self.initial_weights[idx],
             copy_steps=None if self.copy_steps is None else self.copy_steps[idx],
+            copy_weights=None if self.copy_weights is None else self.copy_weights[idx],
             gammas=self.gammas[idx],
             coefficients=self.coefficients[:, idx],
             errors=self.errors[idx],
@@ -204,11 +239,15 @@ class Plan:
         ``update_every``, and ``initial_weight`` with ``copy_step`` (the weight and
         step of the copy it started from, :attr:`initial_weights`); its ``sigma_rel`` is the
         equivalent sigma_rel (``nan`` when none) and its ``gamma`` is ``nan``.
+        ``snapshots`` counts every snapshot combined; when classic snapshots are
+        among them, ``classic_snapshots`` counts those.
         """
         extra: dict[str, str] = {}
+        if self.classic_snapshots:
+            extra["classic_snapshots"] = str(len(self.classic_snapshots))
         if self.is_classic(index):
             target = self._targets()[index]
-            extra = {
+            extra |= {
                 "schedule": schedules.schedule_spec(target),
                 "schedule_repr": repr(target),
                 "update_every": str(self.update_every),
@@ -313,12 +352,13 @@ def _check_consistent(snapshots: Sequence[SnapshotInfo]) -> None:
             f"{snapshots[0].path.parent} {mixed}: synthesis combines one run; move the other run's snapshots "
             "to a folder of their own (list them with `posthoc-ema info`)"
         )
-    seen: dict[tuple[int, float], SnapshotInfo] = {}
+    seen: dict[tuple[int, float | str], SnapshotInfo] = {}
     for info in snapshots:
-        twin = seen.setdefault((info.step, info.sigma_rel), info)
+        twin = seen.setdefault((info.step, str(info.name) if info.is_classic else info.sigma_rel), info)
         if twin is not info:
+            what = f"the classic EMA {info.name!r}" if info.is_classic else f"sigma_rel={info.sigma_rel}"
             raise SnapshotError(
-                f"{info.path} and {twin.path} are both snapshots of sigma_rel={info.sigma_rel} at step {info.step}; "
+                f"{info.path} and {twin.path} are both snapshots of {what} at step {info.step}; "
                 "is the folder mixing two runs?"
             )
     first = snapshots[0]
@@ -422,6 +462,173 @@ def _as_targets(sigma_rels: Target | Iterable[Target]) -> list[Target]:
     return [t if isinstance(t, Schedule) else np.float64(t) for t in items]
 
 
+def _update_grid(every: int, step: int, snapshot_steps: Iterable[int]) -> npt.NDArray[np.float64] | None:
+    """A classic EMA's update steps in a tracker run: None for every integer step, else the multiples of
+    ``every`` up to ``step`` and the snapshot steps (:meth:`PostHocEMA.update` also updates when it snapshots)."""
+    if every == 1:
+        return None
+    forced = [float(s) for s in snapshot_steps if s <= step]
+    return np.union1d(np.arange(every, step + 1, every, dtype=np.float64), forced)
+
+
+def _classic_schedule(info: SnapshotInfo) -> Schedule:
+    try:
+        return schedules.from_metadata(str(info.schedule))
+    except ValueError as err:
+        raise SnapshotError(
+            f"{info.path}: cannot use this classic snapshot as a basis profile ({err}); pass use_classic=False "
+            "(--no-classic) to leave the classic snapshots out"
+        ) from None
+
+
+def _same_grid(a: npt.NDArray[np.float64] | None, b: npt.NDArray[np.float64] | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+
+
+def _solve_with_classic(
+    power: Sequence[SnapshotInfo],
+    classic: Sequence[tuple[Schedule, int]],
+    targets: Sequence[Schedule],
+    out_step: int,
+    *,
+    basis_grid: npt.NDArray[np.float64] | None,
+    target_grid: npt.NDArray[np.float64] | None,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Least-squares weights of power-function and classic snapshots together: ``(coef, errors)``.
+
+    ``coef`` is ``[n_power + n_classic, n_targets]`` (power rows first), each
+    column summing to 1 (NaN for a target that overlaps nothing); ``errors`` are
+    the relative L2 errors of those weights, from the full Gram matrix.
+
+    The L2 projection onto the span of the power snapshots ``P`` and the classic
+    ones ``C`` is found by a Schur complement, so that the structured solver of
+    the power-function Gram matrix (EDM2 eq. 151, ``profiles._solve_targets``)
+    does the large part: project each classic profile ``c_k`` and each target
+    ``h`` onto ``P`` (coefficients ``A`` and ``a``), then solve the small system
+    of the residuals ``r_k = c_k - P A_k``,
+    ``<r_k, r_l> beta = <r_k, h>`` with ``<r_k, r_l> = <c_k, c_l> - <P^T c_k, A_l>``
+    and ``<r_k, h> = <c_k, h> - <P^T h, A_k>``, by the same regularised
+    eigen-solve as a dense Gram matrix (unit diagonal, directions below float64
+    resolution dropped). The projection is ``P (a - A beta) + C beta``; as for
+    power-function snapshots alone, its coefficients are then scaled to sum to 1.
+
+    Products of classic profiles use the EMA recursion: the profile of an EMA read
+    at ``s'`` is, before ``s``, its profile read at ``s`` times the product of its
+    decays in ``(s, s']`` (``s`` being one of its update steps), so
+    ``<c_(A, s), c_(B, s')> = D_B(s, s') <c_(A, s), c_(B, s)>`` needs only products
+    of profiles read at the same step. Those, and the products with the
+    power-function profiles, come from sums over the segments between snapshot
+    steps, in one pass over the updates for all classic EMAs at once
+    (``schedules._segments``): the cost grows with the run's length plus the
+    number of snapshots, not with their product. A classic target on another
+    update grid (``update_every=`` given) is paired with each snapshot by
+    :meth:`~posthoc_ema.schedules.Schedule.inner` instead.
+    """
+    n_p, n_c, n_t = len(power), len(classic), len(targets)
+    p_steps = np.array([s.step for s in power], dtype=np.float64)
+    p_gammas = np.array([s.gamma for s in power], dtype=np.float64)
+    is_power = [isinstance(t, PowerFunction) for t in targets]
+    pw = [j for j in range(n_t) if is_power[j]]
+    cl = [j for j in range(n_t) if not is_power[j]]
+    t_gammas = np.array([float(targets[j].gamma) for j in pw])  # type: ignore[attr-defined]
+    out = float(out_step)
+    # The classic EMAs on the tracker's grid (the bases, and the classic targets when they share it), cut at
+    # every snapshot step: every product of theirs from one pass over the updates (schedules._segments).
+    same_grid = _same_grid(basis_grid, target_grid)
+    family = list(dict.fromkeys([s for s, _ in classic] + [targets[j] for j in cl if same_grid]))
+    index = {sched: i for i, sched in enumerate(family)}
+    ends = np.union1d(np.union1d(p_steps, [float(s) for _, s in classic]), [out])
+    row = {float(e): i for i, e in enumerate(ends)}
+    last = ends.size - 1
+    segments = schedules._segments(family, ends, np.union1d(p_gammas, t_gammas), basis_grid)
+    same = segments.same_step()
+    # Every snapshot and target with every power-function profile (eq. 151, and exact sums for the classic ones).
+    b_p = np.zeros((n_p, n_t))  # <f_i, h_j>
+    target_sq = np.zeros(n_t)
+    if pw:
+        target_sq[pw] = profiles.profile_inner_product(out, t_gammas, out, t_gammas)
+        if n_p:
+            b_p[:, pw] = profiles._power_cross(p_steps, p_gammas, np.asarray(out), t_gammas)
+    for j in cl:
+        if same_grid:
+            target_sq[j] = same[index[targets[j]], index[targets[j]], last]
+            b_p[:, j] = segments.cross(index[targets[j]], last, p_steps, p_gammas)
+        else:
+            target_sq[j] = targets[j].norm_sq(out, update_steps=target_grid)
+            if n_p:
+                b_p[:, j] = targets[j].cross(out, p_steps, p_gammas, update_steps=target_grid)
+    g_pc = np.zeros((n_p, n_c))  # <f_i, c_k>
+    b_c = np.zeros((n_c, n_t))  # <c_k, h_j>
+    with_steps = np.concatenate([p_steps, np.full(len(pw), out)])
+    with_gammas = np.concatenate([p_gammas, t_gammas])
+    for k, (sched, step) in enumerate(classic):
+        if with_steps.size:
+            products = segments.cross(index[sched], row[float(step)], with_steps, with_gammas)
+            g_pc[:, k] = products[:n_p]
+            b_c[k, pw] = products[n_p:]
+    # Classic with classic: <c_(A, s), c_(B, s')> = D_B(s, s') <c_(A, s), c_(B, s)> for s <= s'.
+    g_cc = np.zeros((n_c, n_c))
+    for k, (a_sched, a_step) in enumerate(classic):
+        a, ka = index[a_sched], row[float(a_step)]
+        for m in range(k, n_c):
+            b_sched, b_step = classic[m]
+            b, kb = index[b_sched], row[float(b_step)]
+            if ka <= kb:
+                value = float(segments.decay(b, ka, kb)) * same[a, b, ka]
+            else:
+                value = float(segments.decay(a, kb, ka)) * same[a, b, kb]
+            g_cc[k, m] = g_cc[m, k] = value
+        for j in cl:
+            if same_grid:
+                t = index[targets[j]]
+                b_c[k, j] = float(segments.decay(t, ka, last)) * same[a, t, ka]
+            else:  # the target on its own grid, which holds the snapshot steps too: carried the same way
+                logs, copies = targets[j]._log_decays(np.array([float(a_step), out]), target_grid)
+                if copies[1] == copies[0]:
+                    b_c[k, j] = math.exp(min(float(logs[1] - logs[0]), 0.0)) * a_sched.inner(
+                        float(a_step), targets[j], update_steps=basis_grid, other_update_steps=target_grid
+                    )
+    # Project the classic profiles and the targets onto the power-function snapshots.
+    if n_p:
+        rhs = np.concatenate([g_pc, b_p], axis=1)
+        grid = profiles._Grid(p_steps, p_gammas)
+        moments = None
+        if grid.regular:
+            moments = profiles._moments_from_cross(grid, rhs)
+            if pw:  # the closed form, as for power-function targets alone
+                moments[:, :, n_c + np.array(pw)] = profiles._power_moments(grid, np.asarray(out), t_gammas)
+        raw, _ = profiles._solve_targets(
+            p_steps, p_gammas, np.zeros(rhs.shape[1]), moments=moments, cross=rhs, normalise=False
+        )
+        a_c, a_t = raw[:, :n_c], raw[:, n_c:]
+    else:
+        a_c, a_t = np.zeros((0, n_c)), np.zeros((0, n_t))
+    schur = g_cc - g_pc.T @ a_c
+    schur = 0.5 * (schur + schur.T)
+    residual_rhs = b_c - a_c.T @ b_p
+    # A classic profile inside the power functions' span (to float64 resolution) adds nothing.
+    keep = np.diag(schur) > 1e-12 * np.diag(g_cc)
+    beta = np.zeros((n_c, n_t))
+    if np.any(keep):
+        beta[keep] = profiles._lstsq(schur[np.ix_(keep, keep)], residual_rhs[keep])
+    coef = np.concatenate([a_t - a_c @ beta, beta])
+    total = coef.sum(axis=0)
+    lost = ~(np.abs(total) > 0)
+    coef = np.where(lost, np.nan, coef / np.where(lost, 1.0, total))
+    # The error of those weights from the full Gram matrix, [G_pp G_pc; G_pc^T G_cc] (G_pp y without forming it).
+    y_p, y_c = np.nan_to_num(coef[:n_p]), np.nan_to_num(coef[n_p:])
+    gram_y = profiles._gram_matvec(profiles._Grid(p_steps, p_gammas), y_p) if n_p else np.zeros((0, n_t))
+    sq = (
+        np.einsum("io,io->o", y_p, gram_y + 2 * g_pc @ y_c)
+        + np.einsum("ko,ko->o", y_c, g_cc @ y_c)
+        - 2 * np.einsum("io,io->o", y_p, b_p)
+        - 2 * np.einsum("ko,ko->o", y_c, b_c)
+        + target_sq
+    )
+    errors = np.where(lost, np.nan, np.sqrt(np.maximum(sq, 0.0) / target_sq))
+    return coef, errors
+
+
 def _update_every(used: Sequence[SnapshotInfo], update_every: int | None) -> int:
     if update_every is not None:
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
@@ -443,19 +650,24 @@ def plan(
     step: int | None = None,
     prefix: str | None = None,
     update_every: int | None = None,
+    use_classic: bool = True,
 ) -> Plan:
     """Solve for the weights of each target without reading any tensor.
 
     A target is a sigma_rel or any :class:`~posthoc_ema.schedules.Schedule`,
-    mixed freely. Power-function targets are solved exactly as for sigma_rels
-    alone; a classic target's profile is known through its exact inner
-    products with the snapshot profiles (:func:`~posthoc_ema.schedules.target_products`)
-    and solved by the same least squares, with the same predicted error.
+    mixed freely. Without classic snapshots, power-function targets are solved
+    exactly as for sigma_rels alone; a classic target's profile is known through
+    its exact inner products with the snapshot profiles
+    (:func:`~posthoc_ema.schedules.target_products`) and solved by the same least
+    squares, with the same predicted error. Snapshots of classic EMAs join the
+    basis (see ``use_classic``), for every target, in one solve.
     A classic EMA updates every ``update_every``-th step ``k, 2k, ...`` up to
-    the step read (every integer step by default), and starts as a copy of the
-    weights at step 0; power-function snapshots give that copy no weight, so a
-    target whose starting copy (at step 0, or at its ``start``) still weighs
-    more than :data:`INITIAL_WEIGHT_THRESHOLD`
+    the step read and at every snapshot step, as the tracker does (every integer
+    step by default), and starts as a copy of the weights at step 0;
+    power-function snapshots give that copy no weight, so a target whose
+    starting copy (at step 0, or at its ``start``) still weighs
+    :data:`INITIAL_WEIGHT_THRESHOLD` more than the reconstruction gives it
+    (:meth:`Plan.copy_mismatch`; only classic snapshots can hold a copy)
     is reported as one the snapshots cannot represent.
 
     Args:
@@ -467,6 +679,13 @@ def plan(
             :class:`PostHocEMA`); needed when several trackers share the folder.
         update_every: the classic targets' update period in steps; default the
             snapshots' ``update_every`` (:attr:`SnapshotInfo.update_every`).
+        use_classic: combine the snapshots of classic EMAs with the
+            power-function ones (the default, whenever the folder has them): each
+            is a basis profile known exactly from the schedule in its metadata, on
+            the tracker's update grid (every ``update_every``-th step and every
+            snapshot step). This changes, for the better, the results from a folder
+            that held such snapshots before they were used. False gives the plan of
+            the power-function snapshots alone, exactly as without them.
 
     Returns:
         A :class:`Plan` with coefficients and predicted errors.
@@ -508,7 +727,14 @@ def plan(
     power = [j for j, t in enumerate(scheds) if isinstance(t, PowerFunction)]
     classic = [j for j, t in enumerate(scheds) if not isinstance(t, PowerFunction)]
     power_sigmas = tuple(float(scheds[j].sigma_rel) for j in power)  # type: ignore[attr-defined]
-    found = list_snapshots(snapshot_dir, prefix=prefix)
+    found = list_snapshots(snapshot_dir, prefix=prefix, include_classic=True)
+    if not use_classic:
+        if found and all(s.is_classic for s in found):
+            raise SnapshotError(
+                f"{snapshot_dir}: holds only snapshots of classic EMAs, and use_classic=False leaves them out; "
+                "synthesize with use_classic=True (without --no-classic)"
+            )
+        found = [s for s in found if not s.is_classic]
     if not found:
         raise SnapshotError(f"{snapshot_dir}: no snapshots (no .safetensors file with posthoc-ema snapshot metadata)")
     # An EMA added on resume began at start_step from a copy of the weights: its
@@ -533,8 +759,11 @@ def plan(
     out_step = _pick_step([s.step for s in found], step)
     used = tuple(s for s in found if s.step <= out_step)
     _check_consistent(used)
-    in_steps = [s.step for s in used]
-    in_sigmas = [s.sigma_rel for s in used]
+    used_power = [s for s in used if not s.is_classic]
+    used_classic = [s for s in used if s.is_classic]
+    in_steps = [s.step for s in used_power]
+    in_sigmas = [s.sigma_rel for s in used_power]
+    snapshot_steps = sorted({s.step for s in used})
     n_targets = len(scheds)
     coef = np.zeros((len(used), n_targets))
     errors = np.zeros(n_targets)
@@ -542,15 +771,24 @@ def plan(
     gammas = np.full(n_targets, math.nan)
     initial = np.zeros(n_targets)
     copy_steps = np.zeros(n_targets)
+    copy_weights = np.zeros(n_targets)
     if power:
-        coef[:, power] = profiles.solve_coefficients(in_steps, in_sigmas, out_step, power_sigmas)
-        errors[power] = profiles.reconstruction_error(coef[:, power], in_steps, in_sigmas, out_step, power_sigmas)
         gammas[power] = profiles.sigma_rel_to_gamma(power_sigmas)
         for j, sigma in zip(power, power_sigmas, strict=True):
             sigma_list[j] = sigma
+    if power and not used_classic:
+        coef[:, power] = profiles.solve_coefficients(in_steps, in_sigmas, out_step, power_sigmas)
+        errors[power] = profiles.reconstruction_error(coef[:, power], in_steps, in_sigmas, out_step, power_sigmas)
     every = _update_every(used, update_every) if classic else 1
-    if classic:
-        grid = None if every == 1 else np.arange(every, out_step + 1, every, dtype=np.float64)
+    grid = _update_grid(every, out_step, snapshot_steps)
+    for j in classic:
+        copy_steps[j], initial[j] = schedules.start_copy(scheds[j], out_step, update_steps=grid)
+        with contextlib.suppress(ValueError):  # wider than any power function: NaN
+            sigma_list[j] = profiles.canonical_sigma_rel(
+                schedules.equivalent_sigma_rel(scheds[j], out_step, update_steps=grid)
+            )
+    lost = np.zeros(n_targets, dtype=bool)
+    if classic and not used_classic:
         steps_f = np.asarray(in_steps, dtype=np.float64)
         gammas_f = profiles.sigma_rel_to_gamma(np.asarray(in_sigmas, dtype=np.float64))
         cross = np.empty((len(used), len(classic)))
@@ -559,22 +797,52 @@ def plan(
             cross[:, c], norm_sq[c] = schedules.target_products(
                 scheds[j], out_step, steps_f, gammas_f, update_steps=grid
             )
-            copy_steps[j], initial[j] = schedules.start_copy(scheds[j], out_step, update_steps=grid)
-            with contextlib.suppress(ValueError):  # wider than any power function: NaN
-                sigma_list[j] = profiles.canonical_sigma_rel(
-                    schedules.equivalent_sigma_rel(scheds[j], out_step, update_steps=grid)
-                )
         classic_coef, classic_errors = profiles._solve_targets(steps_f, gammas_f, norm_sq, cross=cross)
-        lost = np.isnan(classic_errors)
-        if np.any(lost):
-            raise ValueError(
-                f"{labels[classic[int(np.argmax(lost))]]} at step {out_step} has no overlap with the snapshots "
-                "at or before it; reconstruct at another step or choose a wider target"
-            )
+        lost[classic] = np.isnan(classic_errors)
         coef[:, classic] = classic_coef
         errors[classic] = classic_errors
+    if used_classic:
+        basis_every = sorted({s.update_every for s in used_classic})
+        if len(basis_every) > 1:
+            raise SnapshotError(
+                f"{used[0].path.parent}: the classic snapshots were tracked with update_every "
+                f"{', '.join(map(str, basis_every))}, so their update grid is not known; pass use_classic=False "
+                "(--no-classic) to leave them out"
+            )
+        basis_grid = _update_grid(basis_every[0], out_step, snapshot_steps)
+        bases = [(_classic_schedule(s), s.step) for s in used_classic]
+        both, both_errors = _solve_with_classic(
+            used_power, bases, scheds, out_step, basis_grid=basis_grid, target_grid=grid
+        )
+        rows = np.array(
+            [i for i, s in enumerate(used) if not s.is_classic] + [i for i, s in enumerate(used) if s.is_classic]
+        )
+        coef[rows] = both
+        errors[:] = both_errors
+        lost = np.isnan(both_errors)
+        # What the classic snapshots' own starting copies give each target's copy: the initial copy's weight
+        # is the product of all decays (one pass per schedule); a later copy is looked up by a short walk back.
+        at_steps = np.array([float(at) for _, at in bases])
+        products = {sched: sched._log_decays(at_steps, basis_grid) for sched in dict.fromkeys(s for s, _ in bases)}
+        for k, (sched, at) in enumerate(bases):
+            logs, copies = products[sched]
+            if copies[k] == 0:
+                their_step, their_weight = 0.0, math.exp(float(logs[k]))
+            else:
+                their_step, their_weight = schedules.start_copy(sched, at, update_steps=basis_grid)
+            same = copy_steps == their_step
+            copy_weights[same] += np.nan_to_num(both[len(used_power) + k, same]) * their_weight
+    if np.any(lost):
+        raise ValueError(
+            f"{labels[int(np.argmax(lost))]} at step {out_step} has no overlap with the snapshots "
+            "at or before it; reconstruct at another step or choose a wider target"
+        )
     targets = tuple(sigma_list)
-    lo, hi = min(in_sigmas), max(in_sigmas)
+    if in_sigmas:
+        lo, hi = min(in_sigmas), max(in_sigmas)
+        outside = np.array([not (lo <= s <= hi) for s in targets])
+    else:  # only classic snapshots: no tracked sigma_rel range to be outside of
+        outside = np.zeros(n_targets, dtype=bool)
     formats = [_storage_format(s) for s in used]
     roundoffs = [0.0 if f is None else UNIT_ROUNDOFF[f] for f in formats]
     coarsest = sorted({f for f in formats if f is not None}, key=UNIT_ROUNDOFF.__getitem__, reverse=True)
@@ -586,25 +854,28 @@ def plan(
         coefficients=coef,
         errors=errors,
         coefficient_norms=np.linalg.norm(coef, axis=0),
-        outside=np.array([not (lo <= s <= hi) for s in targets]),
+        outside=outside,
         rounding_errors=rounding_errors(coef, roundoffs),
         storage_dtypes=tuple(dtype_name(FLOATING_DTYPES[f]) for f in coarsest),
         targets=tuple(scheds),
         initial_weights=initial,
         update_every=every,
         copy_steps=copy_steps,
+        copy_weights=copy_weights,
     )
     names = [
         f"{s:.4g}" if isinstance(t, PowerFunction) else lab for s, t, lab in zip(targets, scheds, labels, strict=True)
     ]
     what = "" if classic else "sigma_rel "
-    held = [j for j in classic if initial[j] > INITIAL_WEIGHT_THRESHOLD]
+    held = [j for j in classic if result.copy_mismatch(j) > INITIAL_WEIGHT_THRESHOLD]
     if held:
+        shown = bool(used_classic) and any(copy_weights[j] for j in held)
         warnings.warn(
             f"{len(held)} of {len(targets)} targets cannot be represented: "
             + "; ".join(
                 f"{labels[j]} still keeps {initial[j]:.1%} of its weight at step {out_step} on the copy of the "
                 f"weights at step {copy_steps[j]:g} it started from"
+                + (f" (the snapshots give that copy {copy_weights[j]:.1%})" if shown else "")
                 for j in held
             )
             + "; a copy is one step's weights, which no power-function snapshot reproduces: choose a smaller "
@@ -652,6 +923,7 @@ def synthesize_many(
     progress: Callable[[int, int], None] | None = None,
     prefix: str | None = None,
     update_every: int | None = None,
+    use_classic: bool = True,
 ) -> dict[Any, StateDict]:
     """Synthesize the EMA of several targets (sigma_rels and schedules) in one pass over the snapshots.
 
@@ -665,7 +937,7 @@ def synthesize_many(
         device: where to accumulate (``"cuda"`` for a GPU); default CPU.
         dtype: dtype of floating outputs (float32, float64, bfloat16, float16).
         progress: called with (bytes done, bytes total) as the pass goes on.
-        prefix, update_every: as for :func:`plan`.
+        prefix, update_every, use_classic: as for :func:`plan`.
 
     Returns:
         A :class:`ByTarget` ``{target: state_dict}``, keyed by canonical sigma_rel
@@ -683,7 +955,9 @@ def synthesize_many(
         >>> sds = synthesize_many("ckpts", [0.10, Constant(0.9999), HalfLife(2000)])  # doctest: +SKIP
         >>> model.load_state_dict(sds["constant:beta=0.9999"])  # doctest: +SKIP
     """
-    the_plan = plan(snapshot_dir, sigma_rels, step=step, prefix=prefix, update_every=update_every)
+    the_plan = plan(
+        snapshot_dir, sigma_rels, step=step, prefix=prefix, update_every=update_every, use_classic=use_classic
+    )
     return run(the_plan, device=device, dtype=dtype, progress=progress)
 
 
@@ -884,6 +1158,7 @@ def synthesize(
     dtype: torch.dtype | str = torch.float32,
     prefix: str | None = None,
     update_every: int | None = None,
+    use_classic: bool = True,
 ) -> StateDict:
     """Synthesize the EMA of one target (a ``sigma_rel`` or a schedule) from a folder of snapshots.
 
@@ -895,7 +1170,14 @@ def synthesize(
         >>> model.load_state_dict(sd)  # doctest: +SKIP
     """
     sds = synthesize_many(
-        snapshot_dir, [sigma_rel], step=step, device=device, dtype=dtype, prefix=prefix, update_every=update_every
+        snapshot_dir,
+        [sigma_rel],
+        step=step,
+        device=device,
+        dtype=dtype,
+        prefix=prefix,
+        update_every=update_every,
+        use_classic=use_classic,
     )
     return sds[sigma_rel]
 

@@ -263,7 +263,9 @@ class PostHocEMA:
     wherever a sigma_rel does (:meth:`ema_state_dict`, :meth:`copy_to`,
     :meth:`swapped`, :meth:`functional_call`); their snapshots, named
     ``<prefix>-<step>-<name>.safetensors``, record the schedule in their
-    metadata and are not used by synthesis.
+    metadata, and synthesis uses them as extra basis profiles beside the
+    power-function snapshots (their profile is known exactly; see
+    :func:`posthoc_ema.synthesis.plan`, ``use_classic=``).
 
     Floating parameters and buffers are averaged in float32 (float64 ones in
     float64) whatever the model's dtype; other buffers are copied. Keys are the

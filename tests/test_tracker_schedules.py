@@ -333,11 +333,15 @@ def test_snapshots_of_classic_emas_record_their_schedule_and_are_left_out_of_syn
         (20, "timm"),
         (20, "warm"),
     ]
-    # The classic snapshots do not disturb synthesis: the tracked sigma_rel comes back.
+    # The classic snapshots join synthesis as basis profiles: the tracked sigma_rel still comes back.
     torch.testing.assert_close(synthesize(tmp_path, 0.1)["weight"], live[0.1]["weight"], rtol=1e-4, atol=1e-5)
     summary = describe(tmp_path)
     assert summary["snapshots"] == 4
-    assert summary["classic"] == {"snapshots": 4, "names": {"timm": 2, "warm": 2}}
+    assert {k: summary["classic"][k] for k in ("snapshots", "names")} == {
+        "snapshots": 4,
+        "names": {"timm": 2, "warm": 2},
+    }
+    assert [f["name"] for f in summary["classic"]["files"]] == ["timm", "warm", "timm", "warm"]
     assert summary["oddities"] == []
 
 
