@@ -704,7 +704,7 @@ def synthesize(
         from_checkpoints,
         ckpt_dir,
         {"--key": key, "--step-pattern": step_pattern, "--glob": glob, "--interpolation": interpolation},
-        {"--prefix": prefix, "--max-shard-size": max_shard_size},
+        {"--prefix": prefix, "--max-shard-size": max_shard_size, "--no-classic": no_classic},
     )
     targets = _all_targets(sigma_rel, beta, half_life, ema_start, schedule)  # type: ignore[arg-type]
     _check_output_for(targets, output)

@@ -241,6 +241,7 @@ def _fingerprint(
         "run_ids": sorted({s.run_id for s in the_plan.snapshots if s.run_id is not None}),
         "command": command,
         "metric": metric,
+        "classic_basis": bool(the_plan.classic_snapshots),
     }
 
 
@@ -252,6 +253,12 @@ def _check_fingerprint(path: Path, earlier: Mapping[str, Any], now: Mapping[str,
             f"{path} holds results of the snapshots in {earlier.get('snapshot_dir')} "
             f"(runs {', '.join(earlier.get('run_ids') or []) or 'unnamed'}), not of {now['snapshot_dir']} "
             f"(runs {', '.join(now['run_ids']) or 'unnamed'}); {advice}"
+        )
+    if bool(earlier.get("classic_basis", False)) != now["classic_basis"]:  # results older than the key used none
+        used = "with" if now["classic_basis"] else "without"
+        raise ValueError(
+            f"{path} holds results synthesized {'without' if now['classic_basis'] else 'with'} the classic snapshots "
+            f"as basis profiles, and this sweep is {used} them (--no-classic / use_classic=); {advice}"
         )
     if shlex.split(str(earlier.get("command"))) != shlex.split(now["command"]):
         raise ValueError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from posthoc_ema import PostHocEMA, profiles, schedules
+from posthoc_ema.commands import command_sweep
 from posthoc_ema.errors import PoorReconstructionWarning, SnapshotError
 from posthoc_ema.files import write_atomic
 from posthoc_ema.folders import describe
@@ -500,3 +502,20 @@ def test_info_counts_the_classic_snapshots_by_name_and_schedule(runs) -> None:  
     assert data["classic"]["names"] == {"fast": 20, "slow": 20}
     listing, _ = invoke("info", folder, "--files")
     assert "phema-000000002000-slow.safetensors" in listing
+
+
+def test_a_command_sweep_resumes_only_with_the_same_basis(runs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder, _ = runs["both"]
+    evaluate = tmp_path / "evaluate.py"
+    evaluate.write_text('print(\'{"loss": 1.0}\')\n')
+    command = f"{sys.executable} {evaluate} {{weights}}"
+    command_sweep(folder, [0.07], command, tmp_path / "sweep", keep_weights=False)
+    with pytest.raises(ValueError, match=r"holds results synthesized with the classic snapshots as basis profiles, "):
+        command_sweep(folder, [0.07, 0.08], command, tmp_path / "sweep", keep_weights=False, use_classic=False)
+    again = command_sweep(folder, [0.07, 0.08], command, tmp_path / "sweep", keep_weights=False)
+    assert [row.sigma_rel for row in again.rows] == [0.07, 0.08]
+
+
+def test_no_classic_is_refused_with_plain_checkpoints(tmp_path: Path) -> None:
+    _, err = invoke("synthesize", "--from-checkpoints", tmp_path, "--sigma-rel", "0.1", "--no-classic", code=2)
+    assert "--no-classic applies to snapshot folders, not to --from-checkpoints" in err
