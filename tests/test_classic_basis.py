@@ -507,7 +507,7 @@ def test_info_counts_the_classic_snapshots_by_name_and_schedule(runs) -> None:  
 def test_a_command_sweep_resumes_only_with_the_same_basis(runs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     folder, _ = runs["both"]
     evaluate = tmp_path / "evaluate.py"
-    evaluate.write_text('print(\'{"loss": 1.0}\')\n')
+    evaluate.write_text("print('{\"loss\": 1.0}')\n")
     command = f"{sys.executable} {evaluate} {{weights}}"
     command_sweep(folder, [0.07], command, tmp_path / "sweep", keep_weights=False)
     with pytest.raises(ValueError, match=r"holds results synthesized with the classic snapshots as basis profiles, "):
