@@ -666,6 +666,16 @@ def _print_info(summary: dict[str, Any]) -> None:
         ]
     else:
         rows.append(("snapshots", "none readable"))
+    sharding = summary.get("layout", {})
+    if sharding.get("sharded"):  # a sharded model's snapshots: one file per rank each
+        worlds = "/".join(map(str, sharding["world_size"]))
+        rows.append(
+            (
+                "layout",
+                f"sharded, {worlds} ranks: {sharding['complete']} complete snapshots, "
+                f"{sharding['incomplete']} incomplete",
+            )
+        )
     if summary["other_files"]:
         count = len(summary["other_files"])
         rows.append(("other files", f"{count} .safetensors file(s) that are not snapshots (ignored)"))

@@ -39,6 +39,7 @@ from safetensors import safe_open
 
 from posthoc_ema import profiles, schedules
 from posthoc_ema._version import __version__
+from posthoc_ema.distributed import combine_shards, run_shards
 from posthoc_ema.dtypes import FLOATING_DTYPES, dtype_name, parse_dtype
 from posthoc_ema.errors import PoorReconstructionWarning, RoundingWarning, SnapshotError
 from posthoc_ema.files import write_atomic
@@ -508,7 +509,7 @@ def plan(
     power = [j for j, t in enumerate(scheds) if isinstance(t, PowerFunction)]
     classic = [j for j, t in enumerate(scheds) if not isinstance(t, PowerFunction)]
     power_sigmas = tuple(float(scheds[j].sigma_rel) for j in power)  # type: ignore[attr-defined]
-    found = list_snapshots(snapshot_dir, prefix=prefix)
+    found = combine_shards(list_snapshots(snapshot_dir, prefix=prefix))  # a sharded model's files: one per rank
     if not found:
         raise SnapshotError(f"{snapshot_dir}: no snapshots (no .safetensors file with posthoc-ema snapshot metadata)")
     # An EMA added on resume began at start_step from a copy of the weights: its
@@ -704,6 +705,8 @@ def run(
     product runs on one torch thread for the duration of the pass.
     ``progress`` is called with (work done, total work).
     """
+    if the_plan.snapshots and the_plan.snapshots[-1].shards:  # snapshots of a sharded model: rank by rank
+        return run_shards(the_plan, device=device, dtype=dtype, progress=progress)
     out_dtype = parse_dtype(dtype)
     dev = torch.device(device if device is not None else "cpu")
     snaps = the_plan.snapshots
