@@ -429,3 +429,27 @@ def test_prune_deletes_every_shard_file_of_a_snapshot(fsdp_run: Path, tmp_path: 
     assert len(deleted) == 2 * len(kept.remove)  # each removed snapshot's two rank files
     assert describe(folder)["layout"]["incomplete"] == 0
     synthesize(folder, 0.1)
+
+
+SNIPPET_LAUNCHER = textwrap.dedent(
+    """
+    import os, runpy, sys
+    rank, world, port, snippet, folder = sys.argv[1:6]
+    os.environ.update(RANK=rank, WORLD_SIZE=world, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # as torchrun sets
+    os.chdir(folder)
+    runpy.run_path(snippet, run_name="__main__")
+    """
+)
+
+
+@pytest.mark.slow  # two more processes, 100 steps of FSDP2 over gloo
+def test_the_docs_snippet_runs_on_two_ranks(tmp_path: Path) -> None:
+    pytest.importorskip("torch.distributed.fsdp")
+    page = Path(__file__).resolve().parents[1] / "docs" / "fsdp.md"
+    snippet = tmp_path / "train.py"
+    snippet.write_text(page.read_text().split("```python\n", 1)[1].split("```", 1)[0])
+    outputs = run_ranks(SNIPPET_LAUNCHER, str(snippet), str(tmp_path))
+    assert "'0.weight': (33, 16)" in outputs[0] and outputs[1] == ""
+    files = list_snapshots(tmp_path / "ckpts")
+    assert len(files) == 4 * 2 * 2  # 4 snapshot steps, 2 sigma_rels, 2 ranks
+    assert sorted(p.name for p in tmp_path.glob("ema-rank*.pt")) == ["ema-rank0.pt", "ema-rank1.pt"]
