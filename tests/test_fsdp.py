@@ -453,3 +453,121 @@ def test_the_docs_snippet_runs_on_two_ranks(tmp_path: Path) -> None:
     files = list_snapshots(tmp_path / "ckpts")
     assert len(files) == 4 * 2 * 2  # 4 snapshot steps, 2 sigma_rels, 2 ranks
     assert sorted(p.name for p in tmp_path.glob("ema-rank*.pt")) == ["ema-rank0.pt", "ema-rank1.pt"]
+
+
+# -- shard files written by hand: the assembly without processes ----------------------------
+
+
+def _write_sharded_run(folder: Path, whole: Path, *, world: int, dim: int) -> None:
+    """Snapshots of random tensors, as whole files in ``whole`` and as ``world`` shard files each in ``folder``."""
+    from helpers import write_snapshot
+
+    from posthoc_ema import sigma_rel_to_gamma
+    from posthoc_ema._version import __version__
+    from posthoc_ema.distributed import chunk_block
+    from posthoc_ema.snapshots import ShardLayout, SnapshotInfo, TensorPlacement, snapshot_name, write_atomic
+
+    generator = torch.Generator().manual_seed(3)
+    shapes = {"a": (7, 4), "b": (2, 5), "c": (1, 3)}  # uneven, and (on 3 ranks or more) empty blocks
+    for step in range(10, 60, 10):
+        for sigma in SIGMA_RELS:
+            tensors = {k: torch.randn(shape, generator=generator) for k, shape in shapes.items()}
+            tensors["stat"] = torch.randn(3, generator=generator)  # replicated, in rank 0's file
+            tensors["count"] = torch.tensor(step)
+            write_snapshot(whole, step, sigma, tensors)
+            for rank in range(world):
+                placements, local = {}, {}
+                for k, t in tensors.items():
+                    if k in shapes:
+                        d = dim % t.dim()
+                        start, length = chunk_block(t.shape[d], world, rank)
+                        local[k] = t.narrow(d, start, length).contiguous()
+                        offsets = tuple(start if i == d else 0 for i in range(t.dim()))
+                        placements[k] = TensorPlacement(f"Shard({d})", tuple(t.shape), offsets)
+                    elif rank == 0:
+                        local[k] = t
+                        placements[k] = TensorPlacement("Replicate()", tuple(t.shape), (0,) * t.dim())
+                info = SnapshotInfo(
+                    path=folder / snapshot_name(step, sigma, shard=(rank, world)),
+                    step=step,
+                    sigma_rel=sigma,
+                    gamma=float(sigma_rel_to_gamma(sigma)),
+                    dtype="float32",
+                    update_every=1,
+                    library_version=__version__,
+                    shard=ShardLayout(rank, world, placements),
+                )
+                write_atomic(info.path, local, info.metadata())
+
+
+@pytest.mark.parametrize(("world", "dim"), [(1, 0), (2, 0), (3, 0), (3, 1), (4, -1)])
+def test_hand_written_shard_files_synthesize_as_whole_files(tmp_path: Path, world: int, dim: int) -> None:
+    sharded, whole = tmp_path / "sharded", tmp_path / "whole"
+    sharded.mkdir()
+    whole.mkdir()
+    _write_sharded_run(sharded, whole, world=world, dim=dim)
+    targets = [0.05, 0.08, 0.10]
+    a, b = synthesize_many(sharded, targets), synthesize_many(whole, targets)
+    for s in targets:
+        assert a[s].keys() == b[s].keys()
+        for key, value in b[s].items():
+            assert a[s][key].dtype == value.dtype and a[s][key].shape == value.shape
+            torch.testing.assert_close(a[s][key], value, rtol=1e-6, atol=1e-7)
+    assert describe(sharded)["layout"] == {"sharded": True, "world_size": [world], "complete": 10, "incomplete": 0}
+
+
+def test_a_repeated_or_misplaced_shard_file_is_named(tmp_path: Path) -> None:
+    sharded, whole = tmp_path / "sharded", tmp_path / "whole"
+    sharded.mkdir()
+    whole.mkdir()
+    _write_sharded_run(sharded, whole, world=2, dim=0)
+    shutil.copy(sharded / "phema-000000000020-0.05-rank00000-of-00002.safetensors", sharded / "copy.safetensors")
+    with pytest.raises(SnapshotError, match=r"at step 20 \(prefix 'phema'\) has two shard files of rank 0"):
+        synthesize(sharded, 0.05)
+
+
+def test_malformed_placements_are_refused(tmp_path: Path) -> None:
+    from posthoc_ema.snapshots import write_atomic
+
+    meta = {
+        "format": "posthoc-ema/snapshot",
+        "format_version": "3",
+        "step": "10",
+        "sigma_rel": "0.1",
+        "gamma": "6.937203937601806",
+        "dtype": "float32",
+        "update_every": "1",
+        "library_version": "0",
+        "shard_rank": "0",
+        "shard_world_size": "2",
+    }
+    path = tmp_path / "bad.safetensors"
+    cases = [
+        ({"w": {"placement": "Shard(0)", "global_shape": [3, 2], "offsets": [2, 0]}}, "which is not a Shard"),
+        ({"w": {"placement": "Shard(1)", "global_shape": [4, 2], "offsets": [0, 0]}}, "which is not a Shard"),
+        ({"w": {"placement": "Partial()", "global_shape": [2, 2], "offsets": [0, 0]}}, "which is not a Shard"),
+        ({"v": {"placement": "Replicate()", "global_shape": [2, 2], "offsets": [0, 0]}}, "an entry per tensor"),
+    ]
+    for placements, message in cases:
+        write_atomic(path, {"w": torch.ones(2, 2)}, meta | {"placements": json.dumps(placements)})
+        with pytest.raises(SnapshotError, match=message):
+            read_info(path)
+    write_atomic(path, {"w": torch.ones(2, 2)}, meta | {"shard_rank": "2", "placements": "{}"})
+    with pytest.raises(SnapshotError, match="shard_rank=2 and shard_world_size=2; the rank must be in"):
+        read_info(path)
+
+
+def test_dtensor_support_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without torch.distributed.tensor (a torch built without distributed) plain models are tracked as before."""
+    import sys
+
+    from posthoc_ema import distributed
+
+    monkeypatch.setitem(sys.modules, "torch.distributed.tensor", None)  # its import now raises ImportError
+    assert distributed.dtensor_type() is None
+    model = torch.nn.Linear(3, 2)
+    emas = PostHocEMA(model, 0.1)
+    emas.update()
+    with emas.swapped(model, 0.1):
+        pass
+    assert sorted(emas.ema_state_dict(0.1)) == ["bias", "weight"]
