@@ -124,9 +124,22 @@ WORKER = (
         refused = str(err)
     else:
         refused = "accepted"
+    # Another run in the same folder: refused on every rank, or its files deleted by their own ranks.
+    runs = []
+    for existing in ("error", "error", "overwrite"):
+        other = PostHocEMA(model, sigmas, snapshot_dir=out / "again", snapshot_every=every, existing=existing)
+        try:
+            for _ in range(every):
+                other.update()
+            other.close()
+        except Exception as err:
+            runs.append(str(err))
+        else:
+            runs.append(other.run_id)
+        dist.barrier()
     save_file(tensors, str(out / f"rank{rank}.safetensors"))
     facts = {"kinds": kinds, "ema_bytes": local, "whole_bytes": whole, "functional_call": refused,
-             "run_id": emas.run_id}
+             "run_id": emas.run_id, "runs": runs}
     (out / f"facts{rank}.json").write_text(json.dumps(facts))
     dist.barrier()
     dist.destroy_process_group()
@@ -571,3 +584,13 @@ def test_dtensor_support_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:
     with emas.swapped(model, 0.1):
         pass
     assert sorted(emas.ema_state_dict(0.1)) == ["bias", "weight"]
+
+
+def test_another_run_in_the_folder_is_refused_or_deleted_on_every_rank(fsdp_run: Path) -> None:
+    facts = [json.loads((fsdp_run / f"facts{r}.json").read_text()) for r in range(2)]
+    first, _, overwriting = facts[0]["runs"]
+    assert facts[1]["runs"][0] == first and facts[1]["runs"][2] == overwriting  # one run id on both ranks
+    for f in facts:
+        assert "holds 4 snapshots of another training run" in f["runs"][1]  # each rank saw both ranks' files
+    files = list_snapshots(fsdp_run / "again")
+    assert len(files) == 4 and {i.run_id for i in files} == {overwriting}  # the first run's files are gone
