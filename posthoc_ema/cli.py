@@ -656,7 +656,11 @@ def _print_info(summary: dict[str, Any]) -> None:
     if steps is not None:
         spacing = f", every {steps['spacing']}" if steps["spacing"] is not None else ""
         rows += [
-            ("snapshots", f"{n} files, {_size(summary['size_bytes'])} ({_size(summary['size_bytes'] // n)} each)"),
+            (
+                "snapshots",
+                f"{n} {'snapshots' if summary.get('layout', {}).get('sharded') else 'files'}, "
+                f"{_size(summary['size_bytes'])} ({_size(summary['size_bytes'] // n)} each)",
+            ),
             ("steps", f"{steps['first']} .. {steps['last']}: {steps['count']} steps{spacing}"),
             ("sigma_rels", ", ".join(f"{_fmt(float(s))} ({k})" for s, k in summary["sigma_rels"].items())),
             ("stored dtype", ", ".join(summary["dtypes"])),

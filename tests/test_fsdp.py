@@ -415,6 +415,7 @@ def test_the_cli_synthesizes_and_describes_a_sharded_folder(
     folder, _, net = replay
     stdout, _ = invoke("info", fsdp_run / "snaps")
     assert "sharded, 2 ranks: 8 complete snapshots, 0 incomplete" in stdout
+    assert "8 snapshots, " in stdout  # each of two rank files
     invoke("synthesize", fsdp_run / "snaps", "-s", "0.08", "-o", tmp_path / "one.safetensors")
     invoke("synthesize", fsdp_run / "snaps", "-s", "0.08", "-o", tmp_path / "hf", "--max-shard-size", "200B")
     expected = synthesize(folder, 0.08)
