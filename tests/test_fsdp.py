@@ -595,3 +595,50 @@ def test_another_run_in_the_folder_is_refused_or_deleted_on_every_rank(fsdp_run:
         assert "holds 4 snapshots of another training run" in f["runs"][1]  # each rank saw both ranks' files
     files = list_snapshots(fsdp_run / "again")
     assert len(files) == 4 and {i.run_id for i in files} == {overwriting}  # the first run's files are gone
+
+
+@pytest.fixture
+def world_of_one() -> object:
+    """A one-process gloo group in this process, destroyed after the test."""
+    dist = torch.distributed
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_replaced_local_shard_is_followed_and_replicated_dtensors_kept_whole(
+    world_of_one: object, tmp_path: Path
+) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    from posthoc_ema.profiles import sigma_rel_to_gamma
+
+    mesh = init_device_mesh("cpu", (1,))
+    model = torch.nn.Linear(3, 2)
+    model.weight = torch.nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Shard(0)]))
+    model.bias = torch.nn.Parameter(distribute_tensor(model.bias.detach(), mesh, [Replicate()]))
+    first = model.weight._local_tensor.clone()
+    emas = PostHocEMA(model, 0.1, snapshot_dir=tmp_path, snapshot_every=None)
+    emas.update()
+    model.weight._local_tensor = first + 1.0  # a new local tensor object, as FSDP2's reset_sharded_param may make
+    emas.update()
+    beta = (1 / 2) ** (float(sigma_rel_to_gamma(0.1)) + 1)
+    sd = emas.ema_state_dict(0.1)
+    assert isinstance(sd["weight"], DTensor) and sd["weight"].placements == (Shard(0),)
+    assert isinstance(sd["bias"], DTensor) and sd["bias"].placements == (Replicate(),)
+    torch.testing.assert_close(sd["weight"].to_local().double(), first.double() + (1 - beta), rtol=0, atol=1e-6)
+    emas.snapshot()
+    emas.close()
+    (info,) = list_snapshots(tmp_path)
+    assert info.path.name == "phema-000000000002-0.1-rank00000-of-00001.safetensors"
+    assert info.shard is not None and info.shard.tensors["bias"].placement == "Replicate()"
+    whole = synthesize(tmp_path, 0.1)
+    torch.testing.assert_close(whole["weight"], sd["weight"].to_local(), rtol=0, atol=0)
+    torch.testing.assert_close(whole["bias"], sd["bias"].to_local(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"functional_call\(\) cannot run a sharded model \(FSDP2\)"):
+        emas.functional_call(model, 0.1, (torch.ones(1, 3),))
