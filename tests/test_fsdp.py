@@ -642,3 +642,20 @@ def test_a_replaced_local_shard_is_followed_and_replicated_dtensors_kept_whole(
     torch.testing.assert_close(whole["bias"], sd["bias"].to_local(), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"functional_call\(\) cannot run a sharded model \(FSDP2\)"):
         emas.functional_call(model, 0.1, (torch.ones(1, 3),))
+
+
+def test_gathered_snapshots_equal_a_single_process_bit_for_bit(
+    fsdp_run: Path, replay: tuple[Path, PostHocEMA, torch.nn.Module]
+) -> None:
+    folder, _, _ = replay
+    single = {i.path.name: i.path for i in list_snapshots(folder)}
+    gathered = {i.path.name: i.path for i in list_snapshots(fsdp_run / "gathered")}
+    assert gathered.keys() == single.keys()
+    for name, path in gathered.items():
+        with safe_open(str(path), framework="pt") as f, safe_open(str(single[name]), framework="pt") as g:
+            assert {k: v for k, v in f.metadata().items() if k != "run_id"} == {
+                k: v for k, v in g.metadata().items() if k != "run_id"
+            }
+            assert sorted(f.keys()) == sorted(g.keys())
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                assert torch.equal(f.get_tensor(key), g.get_tensor(key)), (name, key)
