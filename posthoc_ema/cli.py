@@ -762,7 +762,11 @@ def _print_info(summary: dict[str, Any]) -> None:
     if steps is not None:
         spacing = f", every {steps['spacing']}" if steps["spacing"] is not None else ""
         rows += [
-            ("snapshots", f"{n} files, {_size(summary['size_bytes'])} ({_size(summary['size_bytes'] // n)} each)"),
+            (
+                "snapshots",
+                f"{n} {'snapshots' if summary.get('layout', {}).get('sharded') else 'files'}, "
+                f"{_size(summary['size_bytes'])} ({_size(summary['size_bytes'] // n)} each)",
+            ),
             ("steps", f"{steps['first']} .. {steps['last']}: {steps['count']} steps{spacing}"),
             ("sigma_rels", ", ".join(f"{_fmt(float(s))} ({k})" for s, k in summary["sigma_rels"].items())),
             ("stored dtype", ", ".join(summary["dtypes"])),
@@ -776,6 +780,16 @@ def _print_info(summary: dict[str, Any]) -> None:
         classic = summary["classic"]
         named = ", ".join(f"{name} ({classic['schedules'][name]}) x{k}" for name, k in classic["names"].items())
         rows.append(("classic EMAs", f"{classic['snapshots']} files: {named}"))
+    sharding = summary.get("layout", {})
+    if sharding.get("sharded"):  # a sharded model's snapshots: one file per rank each
+        worlds = "/".join(map(str, sharding["world_size"]))
+        rows.append(
+            (
+                "layout",
+                f"sharded, {worlds} ranks: {sharding['complete']} complete snapshots, "
+                f"{sharding['incomplete']} incomplete",
+            )
+        )
     if summary["other_files"]:
         count = len(summary["other_files"])
         rows.append(("other files", f"{count} .safetensors file(s) that are not snapshots (ignored)"))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from posthoc_ema import schedules
+from posthoc_ema.distributed import group_shards
 from posthoc_ema.dtypes import FLOATING_DTYPES
 from posthoc_ema.errors import SnapshotError
 from posthoc_ema.files import TMP_SUFFIX
@@ -55,7 +56,10 @@ def describe(folder: str | os.PathLike[str]) -> dict[str, Any]:
         (``first``, ``last``, ``count``, ``spacing``; None without readable
         snapshots), ``sigma_rels``, ``dtypes``, ``update_every``,
         ``library_versions`` and ``runs`` (each value: how many snapshots have
-        it), ``tensors`` and ``parameters`` of the latest snapshot, ``classic``
+        it), ``tensors`` and ``parameters`` of the latest snapshot, ``layout``
+        (``{"sharded": False}``, or for the shard files of a sharded model
+        ``{"sharded": True, "world_size": [sizes], "complete": n, "incomplete": m}``,
+        where a snapshot counts once however many rank files it has), ``classic``
         (only when the folder holds snapshots of classic EMAs,
         ``PostHocEMA(schedules=...)``, which synthesis combines with the
         power-function ones and nothing else here counts:
@@ -96,16 +100,28 @@ def describe(folder: str | os.PathLike[str]) -> dict[str, Any]:
             snapshots.append(info)
     if not snapshots and not classic and not corrupt:
         raise SnapshotError(f"{folder}: no snapshots (no .safetensors file with posthoc-ema snapshot metadata)")
+    # A sharded model's snapshot is a set of rank files: counted once, its sizes summed.
+    worlds = sorted({i.shard.world_size for i in snapshots if i.shard is not None})
+    snapshots, incomplete = group_shards(snapshots)
+    classic, incomplete_classic = group_shards(classic)
+    sharding: dict[str, Any] = {"sharded": False}
+    if worlds:
+        sharding = {
+            "sharded": True,
+            "world_size": worlds,
+            "complete": sum(1 for i in snapshots if i.shards),
+            "incomplete": len(incomplete),
+        }
     snapshots.sort(key=lambda i: (i.step, i.sigma_rel))
     tmp_files = sorted(p.name for p in folder.glob(f"*{TMP_SUFFIX}"))
-    oddities = [c["error"] for c in corrupt]
+    oddities = [c["error"] for c in corrupt] + incomplete + incomplete_classic
     if tmp_files:
         oddities.append(
             f"{len(tmp_files)} leftover temporary file(s) from interrupted writes (safe to delete): "
             + ", ".join(tmp_files[:5])
             + (", ..." if len(tmp_files) > 5 else "")
         )
-    sizes = {i.path: i.path.stat().st_size for i in snapshots}
+    sizes = {i.path: sum(s.path.stat().st_size for s in i.shards or (i,)) for i in snapshots}
     summary: dict[str, Any] = {
         "folder": str(folder),
         "snapshots": len(snapshots),
@@ -118,6 +134,7 @@ def describe(folder: str | os.PathLike[str]) -> dict[str, Any]:
         "runs": {},
         "tensors": 0,
         "parameters": 0,
+        "layout": sharding,
         "files": [
             {
                 "file": i.path.name,
@@ -136,7 +153,7 @@ def describe(folder: str | os.PathLike[str]) -> dict[str, Any]:
     }
     if classic:
         classic.sort(key=lambda i: (i.step, str(i.name)))
-        classic_sizes = {i.path: i.path.stat().st_size for i in classic}
+        classic_sizes = {i.path: sum(s.path.stat().st_size for s in i.shards or (i,)) for i in classic}
         summary["classic"] = {
             "snapshots": len(classic),
             "size_bytes": sum(classic_sizes.values()),

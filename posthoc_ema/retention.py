@@ -292,7 +292,7 @@ def plan_retention(
     found = list(_planned_snapshots(snapshot_dir, targets[0], prefix))
     steps = np.array([i.step for i in found], dtype=np.float64)
     sigmas = np.array([i.sigma_rel for i in found])
-    sizes = np.array([i.path.stat().st_size for i in found], dtype=np.float64)
+    sizes = np.array([sum(f.path.stat().st_size for f in i.shards or (i,)) for i in found], dtype=np.float64)
     out_step = max(i.step for i in found)
     keep = select_snapshots(
         steps, sigmas, targets, sizes=sizes, max_bytes=max_bytes, max_count=max_snapshots, objective=objective
@@ -343,8 +343,16 @@ def apply_retention(the_plan: RetentionPlan) -> list[Path]:
     from posthoc_ema.writer import FolderLock
 
     with contextlib.ExitStack() as stack:
-        for folder, prefix in sorted({(i.path.parent, i.prefix) for i in the_plan.remove}):
-            lock = FolderLock(folder, f".{prefix}.lock")
+        # A sharded model's tracker holds a lock per rank (PostHocEMA._start_writing).
+        locks = {(i.path.parent, i.prefix, f".{i.prefix}.lock") for i in the_plan.remove}
+        locks |= {
+            (f.path.parent, f.prefix, f".{f.prefix}-rank{f.shard.rank:05d}.lock")
+            for i in the_plan.remove
+            for f in i.shards
+            if f.shard
+        }
+        for folder, prefix, name in sorted(locks):
+            lock = FolderLock(folder, name)
             try:
                 lock.acquire()
             except SnapshotError:
@@ -360,14 +368,17 @@ def _delete(the_plan: RetentionPlan) -> list[Path]:
     from posthoc_ema.snapshots import read_info
 
     deleted = []
-    for info in the_plan.remove:
-        now = read_info(info.path) if info.path.exists() else None
-        if now is None or now.step != info.step or not profiles.same_sigma_rel(now.sigma_rel, info.sigma_rel):
-            raise SnapshotError(
-                f"{info.path} is no longer the snapshot of step {info.step} that was planned; plan again"
-            )
-        info.path.unlink()
-        deleted.append(info.path)
+    for planned in the_plan.remove:
+        files = planned.shards or (planned,)  # a sharded model's snapshot: every rank's file
+        for info in files:
+            now = read_info(info.path) if info.path.exists() else None
+            if now is None or now.step != info.step or not profiles.same_sigma_rel(now.sigma_rel, info.sigma_rel):
+                raise SnapshotError(
+                    f"{info.path} is no longer the snapshot of step {info.step} that was planned; plan again"
+                )
+        for info in files:
+            info.path.unlink()
+            deleted.append(info.path)
     return deleted
 
 

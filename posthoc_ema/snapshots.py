@@ -42,7 +42,9 @@ __all__ = [
     "FORMAT_VERSION",
     "SUFFIX",
     "SYNTHESIZED_FORMAT",
+    "ShardLayout",
     "SnapshotInfo",
+    "TensorPlacement",
     "check_prefix",
     "list_snapshots",
     "mixed_runs",
@@ -57,13 +59,116 @@ FORMAT = "posthoc-ema/snapshot"
 SYNTHESIZED_FORMAT = "posthoc-ema/synthesized"
 #: Bumped on any change a reader of an older version could misread. Each file records the
 #: lowest version that reads it: power-function snapshots are still version 1, snapshots of a
-#: classic schedule (no sigma_rel) version 2, so an older reader asks for an upgrade.
-FORMAT_VERSION = 2
+#: classic schedule (no sigma_rel) version 2, and the shard files of a sharded model (FSDP2,
+#: one file per rank and EMA, see :class:`ShardLayout`) version 3, so an older reader asks
+#: for an upgrade instead of taking one rank's shard for a whole snapshot.
+FORMAT_VERSION = 3
 _CLASSIC_VERSION = 2
+_SHARD_VERSION = 3
 SUFFIX = ".safetensors"
 #: The prefix of snapshots written without ``prefix=``, and of files whose metadata has none.
 DEFAULT_PREFIX = "phema"
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass(frozen=True)
+class TensorPlacement:
+    """Where the block of a tensor that one shard file holds lies in the whole tensor.
+
+    Attributes:
+        placement: ``"Shard(d)"`` (the file holds this rank's block of dimension
+            ``d``, as DTensor's :class:`~torch.distributed.tensor.Shard` places it)
+            or ``"Replicate()"`` (the file holds the whole tensor, kept alike on
+            every rank).
+        global_shape: the shape of the whole tensor.
+        offsets: where the block starts in the whole tensor, per dimension; its
+            extent is the tensor's shape in the file (possibly 0: an empty shard).
+    """
+
+    placement: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of this placement in a shard file's ``placements`` metadata."""
+        return {"placement": self.placement, "global_shape": list(self.global_shape), "offsets": list(self.offsets)}
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """What a shard file's metadata says about the rank that wrote it.
+
+    Attributes:
+        rank: the writer's rank in the (1-D) device mesh the model is sharded over.
+        world_size: the mesh's size: how many shard files make the whole snapshot.
+        tensors: name -> :class:`TensorPlacement` of every tensor in the file.
+    """
+
+    rank: int
+    world_size: int
+    tensors: Mapping[str, TensorPlacement] = field(default_factory=dict, repr=False)
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors metadata entries of the layout."""
+        placements = {name: p.to_json() for name, p in self.tensors.items()}
+        return {
+            "shard_rank": str(self.rank),
+            "shard_world_size": str(self.world_size),
+            "placements": json.dumps(placements, separators=(",", ":"), sort_keys=True),
+        }
+
+
+_PLACEMENT = re.compile(r"Shard\((\d+)\)|Replicate\(\)")
+
+
+def _layout_from(path: Path, meta: Mapping[str, str], table: Mapping[str, Mapping[str, Any]]) -> ShardLayout:
+    """The :class:`ShardLayout` of a shard file's header, checked against its tensors."""
+    rank, world = int(meta["shard_rank"]), int(meta["shard_world_size"])
+    if not 0 <= rank < world:
+        raise SnapshotError(
+            f"{path}: snapshot metadata has shard_rank={rank} and shard_world_size={world}; "
+            "the rank must be in [0, world size)"
+        )
+    try:
+        raw = json.loads(meta["placements"])
+    except json.JSONDecodeError:
+        raw = None
+    if not isinstance(raw, dict) or set(raw) != set(table):
+        raise SnapshotError(f"{path}: snapshot metadata 'placements' is not a JSON object with an entry per tensor")
+    tensors: dict[str, TensorPlacement] = {}
+    for name, entry in raw.items():
+        shape = tuple(int(n) for n in table[name]["shape"])
+        try:
+            placement = TensorPlacement(
+                str(entry["placement"]),
+                tuple(int(n) for n in entry["global_shape"]),
+                tuple(int(n) for n in entry["offsets"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            placement = None
+        match = None if placement is None else _PLACEMENT.fullmatch(placement.placement)
+        fits = (
+            placement is not None
+            and match is not None
+            and len(placement.global_shape) == len(shape) == len(placement.offsets)
+            and all(
+                o >= 0 and o + n <= g for o, n, g in zip(placement.offsets, shape, placement.global_shape, strict=True)
+            )
+        )
+        if fits and placement is not None and match is not None:
+            dim = None if match.group(1) is None else int(match.group(1))
+            # Only the sharded dimension may differ from the whole tensor's.
+            fits = all(
+                (o == 0 and n == g) or d == dim
+                for d, (o, n, g) in enumerate(zip(placement.offsets, shape, placement.global_shape, strict=True))
+            )
+        if not fits or placement is None:
+            raise SnapshotError(
+                f"{path}: snapshot metadata places {name!r} (shape {list(shape)}) as {entry!r}, which is not a "
+                "Shard(d) block or a Replicate() copy of its global_shape"
+            )
+        tensors[name] = placement
+    return ShardLayout(rank, world, tensors)
 
 
 @dataclass(frozen=True)
@@ -92,6 +197,12 @@ class SnapshotInfo:
             out unless asked; synthesis combines them with the power-function ones.
         tensors: name -> (safetensors dtype, shape) of every tensor, from the header.
         offsets: name -> absolute byte offset of the tensor's data in the file.
+        shard: for one rank's shard file of a sharded model's snapshot, what it
+            holds of each tensor (:class:`ShardLayout`); None for a whole snapshot.
+        shards: for a whole snapshot assembled from shard files
+            (:func:`posthoc_ema.distributed.combine_shards`, which :func:`posthoc_ema.plan`
+            calls), the shard files by rank; its ``tensors`` then have the whole
+            tensors' shapes and its ``path`` is rank 0's file. Empty otherwise.
     """
 
     path: Path
@@ -108,6 +219,8 @@ class SnapshotInfo:
     schedule: str | None = None
     tensors: Mapping[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict, compare=False, repr=False)
     offsets: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+    shard: ShardLayout | None = field(default=None, compare=False)
+    shards: tuple[SnapshotInfo, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def is_classic(self) -> bool:
@@ -136,6 +249,7 @@ class SnapshotInfo:
             }
             | ({} if self.run_id is None else {"run_id": self.run_id})
             | ({} if self.start_step is None else {"start_step": str(self.start_step)})
+            | ({} if self.shard is None else {"format_version": str(_SHARD_VERSION)} | self.shard.metadata())
         )
 
 
@@ -153,16 +267,28 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
-def snapshot_name(step: int, sigma_rel: float | str, prefix: str = DEFAULT_PREFIX) -> str:
+def snapshot_name(
+    step: int,
+    sigma_rel: float | str,
+    prefix: str = DEFAULT_PREFIX,
+    *,
+    shard: tuple[int, int] | None = None,
+) -> str:
     """File name of the snapshot of ``sigma_rel`` (or of the classic EMA named so, a str) at ``step``; sorts by step.
 
-    The name only keeps files apart: readers take step, sigma_rel and prefix from the metadata.
+    ``shard=(rank, world_size)`` names one rank's shard file of the snapshot of a
+    sharded model: the shard files of a snapshot sort together, right after
+    each other. The name only keeps files apart: readers take step, sigma_rel,
+    prefix and rank from the metadata.
 
     >>> snapshot_name(1000, 0.05), snapshot_name(1000, "timm")
     ('phema-000000001000-0.05.safetensors', 'phema-000000001000-timm.safetensors')
+    >>> snapshot_name(1000, 0.05, shard=(1, 2))
+    'phema-000000001000-0.05-rank00001-of-00002.safetensors'
     """
     label = sigma_rel if isinstance(sigma_rel, str) else repr(canonical_sigma_rel(sigma_rel))
-    return f"{prefix}-{step:012d}-{label}{SUFFIX}"
+    part = "" if shard is None else f"-rank{shard[0]:05d}-of-{shard[1]:05d}"
+    return f"{prefix}-{step:012d}-{label}{part}{SUFFIX}"
 
 
 def _info_from_header(path: Path, meta: Mapping[str, str], table: Mapping[str, Mapping[str, Any]]) -> SnapshotInfo:
@@ -189,6 +315,7 @@ def _info_from_header(path: Path, meta: Mapping[str, str], table: Mapping[str, M
             schedule=meta["schedule"] if classic else None,
             tensors={name: (str(t["dtype"]), tuple(int(n) for n in t["shape"])) for name, t in table.items()},
             offsets={name: int(t["offset"]) for name, t in table.items()},
+            shard=_layout_from(path, meta, table) if "shard_rank" in meta else None,
         )
     except KeyError as err:
         raise SnapshotError(f"{path}: snapshot metadata lacks the key {err.args[0]!r}") from None
@@ -234,9 +361,10 @@ def read_info(path: str | os.PathLike[str]) -> SnapshotInfo | None:
     return _info_from_header(Path(path), meta, table)
 
 
-def _order(info: SnapshotInfo) -> tuple[int, bool, float, str]:
-    """Sort key: by step, the power-function snapshots first by sigma_rel, then the classic ones by name."""
-    return (info.step, info.is_classic, 0.0 if info.is_classic else info.sigma_rel, info.name or "")
+def _order(info: SnapshotInfo) -> tuple[int, bool, float, str, int]:
+    """Sort key: by step, the power-function snapshots first by sigma_rel, then the classic ones by name; then rank."""
+    rank = -1 if info.shard is None else info.shard.rank
+    return (info.step, info.is_classic, 0.0 if info.is_classic else info.sigma_rel, info.name or "", rank)
 
 
 def list_snapshots(
@@ -250,7 +378,9 @@ def list_snapshots(
 
     Files other than ``*.safetensors``, temporary files, safetensors files that
     are not snapshots and anything that is not a regular file (a FIFO, a folder)
-    are ignored.
+    are ignored. The shard files of a sharded model's snapshot are listed one by
+    one, by rank (see :attr:`SnapshotInfo.shard`;
+    :func:`posthoc_ema.distributed.combine_shards` assembles them).
 
     Args:
         snapshot_dir: the folder.
@@ -278,6 +408,8 @@ def list_snapshots(
         try:
             info = read_info(path)
         except SnapshotError as err:
+            if not path.exists():  # deleted since the listing (another rank's tracker, existing="overwrite")
+                continue
             if not skip_unreadable:
                 raise
             log.warning("skipping an unreadable file: %s", err)

@@ -45,6 +45,7 @@ from safetensors import safe_open
 
 from posthoc_ema import profiles, schedules
 from posthoc_ema._version import __version__
+from posthoc_ema.distributed import combine_shards, run_shards
 from posthoc_ema.dtypes import FLOATING_DTYPES, dtype_name, parse_dtype
 from posthoc_ema.errors import PoorReconstructionWarning, RoundingWarning, SnapshotError
 from posthoc_ema.files import write_atomic
@@ -727,7 +728,8 @@ def plan(
     power = [j for j, t in enumerate(scheds) if isinstance(t, PowerFunction)]
     classic = [j for j, t in enumerate(scheds) if not isinstance(t, PowerFunction)]
     power_sigmas = tuple(float(scheds[j].sigma_rel) for j in power)  # type: ignore[attr-defined]
-    found = list_snapshots(snapshot_dir, prefix=prefix, include_classic=True)
+    # A sharded model's files (one per rank) are combined into one snapshot each.
+    found = combine_shards(list_snapshots(snapshot_dir, prefix=prefix, include_classic=True))
     if not use_classic:
         if found and all(s.is_classic for s in found):
             raise SnapshotError(
@@ -978,6 +980,8 @@ def run(
     product runs on one torch thread for the duration of the pass.
     ``progress`` is called with (work done, total work).
     """
+    if the_plan.snapshots and the_plan.snapshots[-1].shards:  # snapshots of a sharded model: rank by rank
+        return run_shards(the_plan, device=device, dtype=dtype, progress=progress)
     out_dtype = parse_dtype(dtype)
     dev = torch.device(device if device is not None else "cpu")
     snaps = the_plan.snapshots

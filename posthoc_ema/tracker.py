@@ -26,13 +26,21 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 
-from posthoc_ema import profiles
+from posthoc_ema import distributed, profiles
 from posthoc_ema._version import __version__
 from posthoc_ema.dtypes import dtype_name, parse_dtype
 from posthoc_ema.errors import ModelChangedError, SnapshotError, SnapshotWriteError
 from posthoc_ema.files import write_atomic
 from posthoc_ema.schedules import PowerFunction, Schedule, to_metadata
-from posthoc_ema.snapshots import DEFAULT_PREFIX, SnapshotInfo, check_prefix, list_snapshots, snapshot_name
+from posthoc_ema.snapshots import (
+    DEFAULT_PREFIX,
+    ShardLayout,
+    SnapshotInfo,
+    TensorPlacement,
+    check_prefix,
+    list_snapshots,
+    snapshot_name,
+)
 from posthoc_ema.writer import BackgroundWriter, FolderLock, release, write_error
 
 if TYPE_CHECKING:
@@ -229,6 +237,12 @@ class _Tracked:
     holder: _Group | _Copied
     index: int
     positions: list[int] = field(default_factory=list)  # its entries in the tracker's home lists
+    dtensor: torch.Tensor | None = None  # the model's DTensor, whose local shard holder.sources[index] is
+
+    @property
+    def model_tensor(self) -> torch.Tensor:
+        """The tensor the model holds: the DTensor of a sharded entry, else the source itself."""
+        return self.dtensor if self.dtensor is not None else self.holder.sources[self.index]
 
 
 def _staging_for(group: _Group, ema_device: torch.device, ema_dtype: torch.dtype) -> None:
@@ -323,13 +337,30 @@ class PostHocEMA:
             rank), and :meth:`ema_state_dict`, :meth:`copy_to`, :meth:`swapped`
             and :meth:`functional_call` raise ``ValueError``. Without an
             initialized process group it has no effect.
+        gather_snapshots: for a sharded model (FSDP2), gather each snapshot with
+            ``full_tensor()`` on every rank and write whole files from rank 0,
+            instead of one shard file per rank (the default, with nothing
+            gathered during training). Ignored for a model without DTensors.
 
     Raises:
         ValueError: for a sigma_rel outside (0, sqrt(1/12)), repeated sigma_rels,
             no EMA at all, an invalid schedule name or a power function among the schedules,
             a non-positive ``snapshot_every`` or ``update_every``, a model with
             no floating tensor to track, a ``snapshot_dir`` that is a file, an
-            invalid ``prefix`` or ``existing``.
+            invalid ``prefix`` or ``existing``, or a DTensor placed other than
+            ``Shard(d)`` / ``Replicate()`` on a 1-D mesh spanning every rank.
+
+    Sharded models (FSDP2's ``fully_shard``, whose parameters are DTensors):
+    each rank keeps the EMAs of its local shards only, with no communication
+    at updates, and writes one shard file per EMA per snapshot
+    (``<prefix>-<step>-<sigma_rel>-rank<r>-of-<n>.safetensors``, placements in
+    the metadata; rank 0's also holds the plain tensors, such as buffers); synthesis assembles
+    whole tensors. Every rank must create the tracker (its run id is agreed then:
+    a collective) and call the same :meth:`update` / :meth:`snapshot` / :meth:`close`
+    sequence. With ``gather_snapshots=True`` the snapshots are gathered instead
+    (``full_tensor()``, a collective on every rank at each snapshot) and rank 0
+    writes whole files, as for DDP. Only 1-D meshes with ``Shard(d)`` or
+    ``Replicate()`` placements are supported; anything else is refused at construction.
 
     One tracker writes into a folder (and prefix) at a time: a lock file
     ``.<prefix>.lock`` there is held while the tracker has a background writer
@@ -369,6 +400,7 @@ class PostHocEMA:
         existing: Literal["error", "overwrite"] = "error",
         final_snapshot: bool = True,
         rank0_only: bool = False,
+        gather_snapshots: bool = False,
     ) -> None:
         if isinstance(sigma_rels, torch.Tensor):
             sigma_rels = sigma_rels.detach().cpu().double().numpy()
@@ -398,6 +430,7 @@ class PostHocEMA:
         self.prefix = check_prefix(prefix)
         self.existing = existing
         self.final_snapshot = bool(final_snapshot)
+        self.gather_snapshots = bool(gather_snapshots)
         #: Identity of this training run, in every snapshot's metadata; kept by state_dict() and load_state_dict().
         self.run_id = uuid.uuid4().hex
         self.step = 0
@@ -413,6 +446,8 @@ class PostHocEMA:
         self._build(model, trainable_only=trainable_only, exclude=tuple(exclude))
         if not self._holds_emas:
             self._copied.values = []  # the copied integer buffers: small, but EMA state all the same
+        if self._layout is not None:  # every rank's shard files must carry one run id
+            self.run_id = distributed.agree_run_id(self.run_id, self._layout)
         self._init_writing()
         if self.snapshot_dir is not None:
             try:
@@ -442,7 +477,13 @@ class PostHocEMA:
             if not any(fnmatch.fnmatchcase(k, pattern) for pattern in exclude)
             and (not trainable_only or (isinstance(t, torch.nn.Parameter) and t.requires_grad))
         }
-        _refuse_sharded(entries)
+        #: How the DTensor entries are sharded (FSDP2); None for a model of plain tensors.
+        self._layout = distributed.shard_layout(entries)
+        if self._layout is not None and self.rank0_only:
+            raise ValueError(
+                "rank0_only=True keeps whole EMAs on rank 0, but this model is sharded (FSDP2): each rank holds "
+                "the EMAs of its own shards; leave rank0_only off"
+            )
         if not any(t.is_floating_point() for t in entries.values()):
             what = "no tensors" if not entries else "no floating tensor (only integer buffers)"
             raise ValueError(
@@ -458,7 +499,9 @@ class PostHocEMA:
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         self._copied = _Copied()
         self._slot: dict[int, tuple[Any, int]] = {}  # id(source) -> (group or _Copied, index)
-        for t in unique.values():
+        sharded = {id(t): t for t in unique.values() if self._layout is not None and _is_dtensor(t)}
+        for model_tensor in unique.values():
+            t = distributed.local_tensor(model_tensor)  # a DTensor's local shard is what this rank averages
             if t.is_floating_point():
                 groups.setdefault((t.device, t.dtype), []).append(t)
             else:
@@ -483,6 +526,8 @@ class PostHocEMA:
             for i, t in enumerate(sources):
                 self._slot[id(t)] = (group, i)
             self._groups.append(group)
+        for tid, t in sharded.items():  # looked up by the model's tensor (the DTensor), as the plain ones
+            self._slot[tid] = self._slot.pop(id(distributed.local_tensor(t)))
         # Where the model holds each tracked tensor, to follow assignments and to
         # check at snapshots that nothing was replaced behind the hooks' back
         # (model.to() writes module._buffers directly).
@@ -507,15 +552,26 @@ class PostHocEMA:
         self._tracked: list[_Tracked] = []
         for tid in unique:
             holder, index = self._slot[tid]
-            self._tracked.append(_Tracked(keys_of[tid], homes.get(tid, []), holder, index))
+            self._tracked.append(_Tracked(keys_of[tid], homes.get(tid, []), holder, index, dtensor=sharded.get(tid)))
+        self._sharded = [r for r in self._tracked if r.dtensor is not None]
         self._assigned: list[tuple[int, str]] = []  # (id(module), name) assigned since the last update
         self._model_arg: torch.nn.Module | None = None  # the last module update() accepted
         self._index_homes()
         # What a snapshot copies: every floating entry into one flat buffer (one
-        # foreach copy), the few others one by one.
-        self._floating_keys = [k for k in self._keys if self._sources[k].is_floating_point()]
-        self._other_keys = [k for k in self._keys if not self._sources[k].is_floating_point()]
-        self._floating_numels = [self._sources[k].numel() for k in self._floating_keys]
+        # foreach copy), the few others one by one. A sharded model's rank writes its
+        # shards, and rank 0 also the plain (replicated) tensors.
+        layout = self._layout
+        written = [
+            k
+            for k in self._keys
+            if layout is None
+            or self.gather_snapshots
+            or layout.rank == 0
+            or (k in layout.placements and layout.placements[k].placement != "Replicate()")
+        ]
+        self._floating_keys = [k for k in written if self._sources[k].is_floating_point()]
+        self._other_keys = [k for k in written if not self._sources[k].is_floating_point()]
+        self._floating_numels = [distributed.local_tensor(self._sources[k]).numel() for k in self._floating_keys]
         self._flatten()
 
     def _index_homes(self) -> None:
@@ -532,7 +588,7 @@ class PostHocEMA:
                 record.positions.append(len(self._home_names))
                 self._home_dicts.append(module._parameters if name in module._parameters else module._buffers)
                 self._home_names.append(name)
-                self._home_expected.append(record.holder.sources[record.index])
+                self._home_expected.append(record.model_tensor)
         _watch(self, (module for r in self._tracked for module, _ in r.homes))
 
     def _flatten(self) -> None:
@@ -546,8 +602,13 @@ class PostHocEMA:
     def _follow(self, records: Iterable[_Tracked]) -> None:
         """Re-bind each record whose home now holds another tensor, or raise if it cannot be followed."""
         for record in records:
-            old = record.holder.sources[record.index]
+            old = record.model_tensor
             lives = [_live(module, name) for module, name in record.homes]
+            if record.dtensor is not None:
+                # Between forward and backward (reshard_after_forward=False, unshard()) FSDP2 puts its
+                # unsharded parameter, a plain tensor, where the DTensor was; the DTensor stays the
+                # sharded parameter the optimizer steps, and comes back: nothing to follow.
+                lives = [old if t is not None and not _is_dtensor(t) else t for t in lives]
             if all(t is old for t in lives):
                 continue
             key = record.keys[0]
@@ -563,6 +624,8 @@ class PostHocEMA:
                     "in some of its places but not all, so it is no longer one tensor; keep tied weights tied"
                 )
             problem = _difference(old, new)
+            if problem is None and record.dtensor is not None:
+                problem = _sharding_difference(old, new)
             if problem is not None:
                 hint = (
                     "load weights of the tracked shapes"
@@ -574,7 +637,9 @@ class PostHocEMA:
                     f"the model's tensor {key!r} was replaced by one with {problem}; the EMA can follow a "
                     f"replaced tensor only if it keeps its shape, dtype and device ({hint})"
                 )
-            record.holder.sources[record.index] = new
+            record.holder.sources[record.index] = distributed.local_tensor(new)
+            if record.dtensor is not None:
+                record.dtensor = new
             for position, (module, name) in zip(record.positions, record.homes, strict=True):
                 self._home_expected[position] = new
                 self._home_dicts[position] = module._parameters if name in module._parameters else module._buffers
@@ -669,10 +734,27 @@ class PostHocEMA:
         every = self.snapshot_every
         return self.snapshot_dir is not None and every is not None and self.step // every > self._snapshot_step // every
 
+    def _follow_local_shards(self) -> None:
+        """Re-read each DTensor's local shard: FSDP2 may re-create it (lazy init, ``reset_sharded_param``)."""
+        for record in self._sharded:
+            assert record.dtensor is not None
+            local, old = distributed.local_tensor(record.dtensor), record.holder.sources[record.index]
+            if local is old:
+                continue
+            problem = _difference(old, local)
+            if problem is not None:
+                raise ModelChangedError(
+                    f"the local shard of the model's DTensor {record.keys[0]!r} was replaced by one with {problem}; "
+                    "create PostHocEMA after fully_shard(...) and model.to(...)"
+                )
+            record.holder.sources[record.index] = local
+
     def _apply(self) -> None:
         if not self._holds_emas:  # rank0_only on another rank: nothing to average, only the step to record
             self._ema_step = self.step
             return
+        if self._sharded:
+            self._follow_local_shards()
         for group in self._groups:
             sentinel = group.sources[group.sentinel]
             if sentinel.device != group.src_device or sentinel.dtype != group.src_dtype:
@@ -821,10 +903,20 @@ class PostHocEMA:
         number (NumPy, 0-d tensor); it matches a tracked one to 6 significant
         digits. A str is the name of a tracked schedule.
 
+        For a sharded model (FSDP2), a DTensor entry comes back as a DTensor of
+        the same placement and global shape whose local tensor is a copy of this
+        rank's EMA shard, as ``model.state_dict()`` gives it (no communication;
+        ``.full_tensor()`` on every rank gathers it); plain entries are plain tensors.
+
         Raises:
             ValueError: if ``sigma_rel`` is not tracked, or no schedule has that name.
         """
-        return {k: t.detach().clone() for k, t in self._ema_items(self._index(sigma_rel))}
+        return {
+            k: distributed.as_dtensor(t.detach().clone(), self._sources[k])
+            if _is_dtensor(self._sources[k])
+            else t.detach().clone()
+            for k, t in self._ema_items(self._index(sigma_rel))
+        }
 
     @property
     def ema_step(self) -> int:
@@ -840,6 +932,11 @@ class PostHocEMA:
         target = {k: entries[k] for k in self._keys}
         for key, value in self._ema_items(index):
             dest = target[key]
+            if _is_dtensor(dest) and _is_dtensor(self._sources[key]):  # a sharded model: this rank's shard
+                problem = _sharding_difference(self._sources[key], dest)
+                if problem is not None:
+                    raise ValueError(f"the model's {key!r} is sharded with {problem}; nothing was copied")
+                dest = target[key] = distributed.local_tensor(dest)
             if tuple(dest.shape) != tuple(value.shape):
                 raise ValueError(
                     f"the model's {key!r} has shape {tuple(dest.shape)}, the EMA's {tuple(value.shape)}; "
@@ -858,6 +955,10 @@ class PostHocEMA:
         """Load the EMA of ``sigma_rel`` (or of the schedule of that name) into ``model`` (in its own dtype and device).
 
         Every tensor is checked first, so on an error the model is left untouched.
+        For a sharded model (FSDP2) each rank copies its EMA shards into its local
+        shards, after resharding the FSDP modules (``reshard()``, no communication)
+        so that the next forward all-gathers them: call it on every rank, outside
+        forward and backward.
 
         Raises:
             ValueError: if ``sigma_rel`` (or name) is not tracked, or the model lacks a tracked
@@ -865,7 +966,10 @@ class PostHocEMA:
                 cast to.
         """
         index = self._index(sigma_rel)
-        self._load_into(self._target(model, index), index)
+        target = self._target(model, index)
+        if self._layout is not None:
+            distributed.reshard(model)  # the next forward all-gathers the EMA's shards
+        self._load_into(target, index)
 
     @torch.no_grad()
     def _load_into(self, target: dict[str, torch.Tensor], index: int) -> None:
@@ -893,9 +997,13 @@ class PostHocEMA:
         target = self._target(model, index)
         backup = {k: t.detach().clone() for k, t in target.items()}
         try:
+            if self._layout is not None:
+                distributed.reshard(model)  # the next forward all-gathers the EMA's shards
             self._load_into(target, index)
             yield model  # in the caller's grad mode
         finally:
+            if self._layout is not None:
+                distributed.reshard(model)  # and after the block, the model's own
             with torch.no_grad():
                 for key, saved in backup.items():
                     target[key].copy_(saved)
@@ -929,7 +1037,8 @@ class PostHocEMA:
             What ``model(*args, **kwargs)`` returns with the EMA's weights.
 
         Raises:
-            ValueError: as :meth:`copy_to`, before the model is run.
+            ValueError: as :meth:`copy_to`, before the model is run; for a sharded
+                model (FSDP2), whose forward ignores swapped-in tensors (use :meth:`swapped`).
 
         Example:
             >>> model = torch.nn.Linear(2, 1)
@@ -939,6 +1048,11 @@ class PostHocEMA:
             torch.Size([3, 1])
         """
         index = self._index(sigma_rel)
+        if self._layout is not None:
+            raise ValueError(
+                "functional_call() cannot run a sharded model (FSDP2) with the EMA's weights: its forward "
+                "all-gathers FSDP's own parameters; use `with emas.swapped(model, sigma_rel):` on every rank"
+            )
         self._target(model, index)  # checks names, shapes, dtypes and devices
         ema = dict(self._ema_items(index))
         tensors: dict[str, torch.Tensor] = {}
@@ -999,12 +1113,31 @@ class PostHocEMA:
                 self._apply()
         return self._write_snapshots()
 
+    @property
+    def _shard_files(self) -> ShardLayout | None:
+        """What each of this rank's shard files holds, when snapshots are written one file per rank; else None."""
+        layout = self._layout
+        if layout is None or self.gather_snapshots:
+            return None
+        whole = TensorPlacement  # plain tensors are kept alike on every rank
+        return ShardLayout(
+            layout.rank,
+            layout.world_size,
+            {
+                k: layout.placements.get(k)
+                or whole("Replicate()", tuple(self._sources[k].shape), (0,) * self._sources[k].dim())
+                for k in [*self._floating_keys, *self._other_keys]
+            },
+        )
+
     def _write_snapshots(self) -> list[Path]:
         assert self.snapshot_dir is not None
         self._check_sources()
+        shard = self._shard_files
+        where = None if shard is None else (shard.rank, shard.world_size)
         infos = [
             SnapshotInfo(
-                path=self.snapshot_dir / snapshot_name(self._ema_step, sigma_rel, self.prefix),
+                path=self.snapshot_dir / snapshot_name(self._ema_step, sigma_rel, self.prefix, shard=where),
                 step=self._ema_step,
                 sigma_rel=sigma_rel,
                 gamma=gamma,
@@ -1014,11 +1147,12 @@ class PostHocEMA:
                 run_id=self.run_id,
                 prefix=self.prefix,
                 start_step=start_step or None,
+                shard=shard,
             )
             for sigma_rel, gamma, start_step in zip(self.sigma_rels, self.gammas, self._start_steps, strict=True)
         ] + [
             SnapshotInfo(
-                path=self.snapshot_dir / snapshot_name(self._ema_step, name, self.prefix),
+                path=self.snapshot_dir / snapshot_name(self._ema_step, name, self.prefix, shard=where),
                 step=self._ema_step,
                 sigma_rel=math.nan,
                 gamma=math.nan,
@@ -1029,10 +1163,18 @@ class PostHocEMA:
                 prefix=self.prefix,
                 name=name,
                 schedule=spec,
+                shard=shard,
             )
             for name, _, spec in self._named
         ]
-        if _is_writer_rank():
+        if self._layout is not None and self.gather_snapshots:  # a collective: every rank, before any can raise
+            gathered = [self._gather(index) for index in range(self._n_emas)]
+            if _is_writer_rank():
+                writer = self._start_writing()
+                for info, tensors in zip(infos, gathered, strict=True):
+                    writer.submit(info.path, self._stage_whole(tensors, info))
+            self._snapshot_step = self._ema_step
+        elif shard is not None or _is_writer_rank():
             writer = self._start_writing()  # raises before anything is staged
             # Stage every EMA before the first write starts, so the copies do not
             # compete with the writer for memory bandwidth.
@@ -1063,7 +1205,7 @@ class PostHocEMA:
         parts = torch.split(flat, self._floating_numels)
         torch._foreach_copy_(parts, self._flat_emas[index])
         keys = self._floating_keys
-        shapes = [self._sources[k].shape for k in keys]
+        shapes = [distributed.local_tensor(self._sources[k]).shape for k in keys]
         others = {k: t.to("cpu", copy=True) for k, t in self._ema_items_of(index, self._other_keys)}
         if self.snapshot_dtype == torch.float16:
             others |= self._too_wide_for_float16(index, parts, info.path)
@@ -1074,6 +1216,31 @@ class PostHocEMA:
             write_atomic(path, named | others, metadata)
 
         return write, flat
+
+    def _gather(self, index: int) -> dict[str, torch.Tensor]:
+        """EMA ``index`` with every DTensor entry gathered whole (``full_tensor()``: a collective, on every rank)."""
+        return {
+            k: distributed.full_tensor(t, self._sources[k]) if _is_dtensor(self._sources[k]) else t
+            for k, t in self._ema_items(index)
+        }
+
+    def _stage_whole(self, tensors: Mapping[str, torch.Tensor], info: SnapshotInfo) -> Callable[[], None]:
+        """The job that writes gathered whole tensors, copied to the CPU in the snapshot dtype now."""
+        staged: dict[str, torch.Tensor] = {}
+        for k, t in tensors.items():
+            if not t.is_floating_point():
+                staged[k] = t.to("cpu", copy=True)
+                continue
+            stored = t.to("cpu", dtype=self.snapshot_dtype, copy=True)
+            if self.snapshot_dtype == torch.float16 and bool(stored.isinf().any()) and not bool(t.isinf().any()):
+                stored = t.to("cpu", copy=True)  # overflows float16: kept in its own dtype, as _stage does
+            staged[k] = stored
+        path, metadata = info.path, info.metadata()
+
+        def write() -> None:
+            write_atomic(path, staged, metadata)
+
+        return write
 
     def _too_wide_for_float16(self, index: int, parts: Sequence[torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
         """The EMA tensors that overflowed float16 (to inf), copied in their own float32/64 to be stored so."""
@@ -1116,7 +1283,10 @@ class PostHocEMA:
         if self._writer is not None:
             return self._writer
         assert self.snapshot_dir is not None
-        lock = FolderLock(self.snapshot_dir, f".{self.prefix}.lock")
+        shard = self._shard_files  # then every rank writes: a lock of its own
+        lock = FolderLock(
+            self.snapshot_dir, f".{self.prefix}.lock" if shard is None else f".{self.prefix}-rank{shard.rank:05d}.lock"
+        )
         lock.acquire()
         try:
             if not self._folder_checked:
@@ -1142,6 +1312,11 @@ class PostHocEMA:
         ]
         if not theirs:
             return
+        shard = self._shard_files
+        if shard is not None and self.existing != "error":  # each rank deletes its part of them
+            theirs = [i for i in theirs if (i.shard.rank if i.shard is not None else 0) == shard.rank]
+            if not theirs:
+                return
         if self.existing == "error":
             runs = len({info.run_id for info in theirs})
             whose = "another training run" if runs == 1 else f"{runs} other training runs"
@@ -1239,7 +1414,7 @@ class PostHocEMA:
         # copy follows assignments too; it starts a writer of its own when it snapshots.
         legacy, warned = state.pop("_legacy_resume", False), state.pop("_warned_wide", set())
         self.__dict__.update(state)
-        self._slot = {id(r.holder.sources[r.index]): (r.holder, r.index) for r in self._tracked}
+        self._slot = {id(r.model_tensor): (r.holder, r.index) for r in self._tracked}
         self._index_homes()
         self._init_writing()
         self._legacy_resume, self._warned_wide = legacy, warned
@@ -1441,19 +1616,24 @@ class PostHocEMA:
         self._folder_checked = False
 
 
-def _refuse_sharded(entries: Mapping[str, torch.Tensor]) -> None:
-    """Refuse sharded tensors (DTensor, as FSDP2's ``fully_shard`` makes): only whole tensors are tracked today."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed support has no DTensor
-        return
-    sharded = [k for k, t in entries.items() if isinstance(t, DTensor)]
-    if sharded:
-        raise ValueError(
-            f"{sharded[0]!r} is a DTensor (a sharded tensor, as FSDP2's fully_shard makes; {len(sharded)} such "
-            "entries): PostHocEMA tracks whole tensors only, and sharded models are not supported yet; "
-            "use DDP, where every rank holds whole tensors"
-        )
+def _is_dtensor(t: torch.Tensor) -> bool:
+    dtensor = distributed.dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def _sharding_difference(old: torch.Tensor, new: torch.Tensor) -> str | None:
+    """How DTensor ``new`` is placed otherwise than ``old`` (placements, mesh, local shape), or None."""
+    old_d, new_d = old, new
+    if not _is_dtensor(new_d):
+        return "no DTensor placement (a plain tensor)"
+    if new_d.placements != old_d.placements:  # type: ignore[attr-defined]
+        return f"placements {new_d.placements} instead of {old_d.placements}"  # type: ignore[attr-defined]
+    if new_d.device_mesh != old_d.device_mesh:  # type: ignore[attr-defined]
+        return "another device mesh"
+    new_local, old_local = distributed.local_tensor(new_d), distributed.local_tensor(old_d)
+    if tuple(new_local.shape) != tuple(old_local.shape):
+        return f"a local shard of shape {tuple(new_local.shape)} instead of {tuple(old_local.shape)}"
+    return None
 
 
 def _is_writer_rank() -> bool:

@@ -458,6 +458,7 @@ def test_info_json(run_dir: Path) -> None:
         "runs": {run: 24 for run in {i.run_id for i in list_snapshots(run_dir)}},
         "tensors": 7,
         "parameters": n_values,
+        "layout": {"sharded": False},
         "files": [
             {
                 "file": i.path.name,

@@ -193,40 +193,6 @@ def test_ddp_training_matches_one_process_on_the_whole_batch(ddp_run: Path) -> N
     torch.testing.assert_close(load_file(ddp_run / "rank0.safetensors")["trajectory"], torch.stack(rows))
 
 
-FSDP2_WORKER = textwrap.dedent(
-    """
-    import datetime, sys
-    import torch
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-    from posthoc_ema import PostHocEMA
-
-    rank, world, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 1))
-    fully_shard(model)
-    try:
-        PostHocEMA(model, (0.05, 0.10))
-    except ValueError as err:
-        print(err)
-    else:
-        print("accepted")
-    dist.destroy_process_group()
-    """
-)
-
-
-def test_a_sharded_model_is_refused_at_construction() -> None:
-    """FSDP2's DTensor parameters are refused with a clear error on every rank, never tracked silently wrong."""
-    pytest.importorskip("torch.distributed.fsdp")
-    for out in run_ranks(FSDP2_WORKER):
-        assert out.strip().startswith("'0.weight' is a DTensor (a sharded tensor, as FSDP2's fully_shard makes; 4 such")
-        assert "sharded models are not supported yet" in out
-
-
 RANK0_ONLY_WORKER = textwrap.dedent(
     """
     import dataclasses, datetime, json, sys

@@ -200,7 +200,7 @@ def test_truncation_or_extension_is_reported_property(tmp_path_factory, data):
         ({"sigma_rel": "0.7"}, r"snapshot metadata has sigma_rel=0\.7; step must be > 0, sigma_rel in \(0, 0\.28867"),
         ({"step": "0"}, r"snapshot metadata has step=0; step must be > 0"),
         ({"gamma": "inf"}, r"snapshot metadata has gamma=inf; .* gamma in \(0, inf\)"),
-        ({"format_version": "3"}, "snapshot format version 3 is newer than this posthoc-ema reads \\(2\\); upgrade"),
+        ({"format_version": "4"}, "snapshot format version 4 is newer than this posthoc-ema reads \\(3\\); upgrade"),
     ],
 )
 def test_malformed_metadata_is_reported(tmp_path, change, message):
