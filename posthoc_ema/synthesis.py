@@ -94,8 +94,10 @@ _RMS_ROUNDING = 2 / math.sqrt(12) * math.sqrt(3 / (8 * math.log(2)))
 # Bytes of float32 snapshot data gathered for one matrix product (each worker
 # thread has such a buffer): small enough to stay in cache between the read and
 # the product, with at least _MIN_READ elements per file so reads stay large.
-_CHUNK_BYTES = 1 << 20
-_MIN_READ = 4096
+_CHUNK_BYTES = 2 << 20
+_MIN_READ = 16384
+# Columns of one matrix product (a chunk is multiplied in such blocks).
+_PRODUCT_COLUMNS = 4096
 # Threads that read and multiply on the CPU, each taking whole chunks.
 _WORKERS = 2
 # Snapshot files open at once; more snapshots are streamed in several passes.
@@ -762,7 +764,11 @@ _Product = Callable[[torch.Tensor, int, int], None]
 
 
 def _product(x: torch.Tensor, e0: int, e1: int, *, sums: torch.Tensor, weights: torch.Tensor, beta: float) -> None:
-    sums[:, e0:e1].addmm_(weights, x, beta=beta)
+    # In blocks of columns: on one thread, [8, 40] @ [40, 4096] products ran
+    # 1.5x faster than [40, 16384] ones (the blocks of outputs stay in L2).
+    for a in range(0, e1 - e0, _PRODUCT_COLUMNS):
+        b = min(e1 - e0, a + _PRODUCT_COLUMNS)
+        sums[:, e0 + a : e0 + b].addmm_(weights, x[:, a:b], beta=beta)
 
 
 def _cpu_pass(

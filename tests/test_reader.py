@@ -53,6 +53,7 @@ def chunking(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     if request.param:  # chunks of 7 elements: reads start and end inside tensors
         monkeypatch.setattr(synthesis, "_MIN_READ", 7)
         monkeypatch.setattr(synthesis, "_CHUNK_BYTES", 8)
+        monkeypatch.setattr(synthesis, "_PRODUCT_COLUMNS", 3)  # products of 3 columns: blocks end inside chunks
 
 
 class Counter:
