@@ -23,6 +23,9 @@ Rows:
                products alone, with the first touch of the outputs
     touch      allocate the outputs and first-touch them (zero_), on the
                worker threads, each its half
+    mmap-copy, mmap-direct
+               tried and not kept: the files memory-mapped (see _use_mmap);
+               their peak RSS counts the mapped page cache
 
 The page cache is warmed by one unmeasured read first. Dropping it (cold
 reads) needs root on a machine of one's own (`echo 1 > /proc/sys/vm/drop_caches`)
@@ -48,6 +51,7 @@ WORK = HERE / ".work"
 TARGETS = (0.04, 0.06, 0.08, 0.10, 0.12, 0.15, 0.18, 0.22)
 SIGMA_RELS = (0.05, 0.10)
 READ_BYTES = 32 << 20
+ROWS = ("floor", "baseline", "ours", "reads", "products", "touch", "mmap-copy", "mmap-direct")
 
 
 def _cpu_s() -> float:
@@ -111,6 +115,8 @@ def job_synthesize(folder: Path, part: str) -> None:
             return buffer[:, : e1 - e0]
 
         synthesis._fill = fill  # type: ignore[assignment]
+    elif part in ("mmap-copy", "mmap-direct"):
+        _use_mmap(synthesis, direct=part == "mmap-direct")
     the_plan = posthoc_ema.plan(folder, TARGETS)
     cpu, start = _cpu_s(), time.perf_counter()
     result = synthesis.run(the_plan)
@@ -127,6 +133,52 @@ def job_synthesize(folder: Path, part: str) -> None:
             "library": str(Path(posthoc_ema.__file__).parent),
         }
     )
+
+
+def _use_mmap(synthesis: Any, *, direct: bool) -> None:
+    """Tried and not kept: the snapshots memory-mapped instead of read (tracker-written float32 files only).
+
+    ``direct``: no copy at all, each snapshot's mapped chunk multiplied into the
+    outputs (one rank-1 product per snapshot, per block of columns); else the
+    mapped chunks are copied into the worker's buffer (a copy out of the page
+    cache in user space instead of the kernel's) and multiplied as ours is.
+    """
+    import mmap
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")  # read-only on purpose
+    flats: dict[Path, torch.Tensor] = {}
+
+    def flat(info: Any, base: int, total: int) -> torch.Tensor:
+        x = flats.get(info.path)
+        if x is None:
+            with open(info.path, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            mapped.madvise(mmap.MADV_SEQUENTIAL)
+            x = flats[info.path] = torch.frombuffer(mapped, dtype=torch.float32, offset=base, count=total)
+        return x
+
+    def fill(buffer: torch.Tensor, e0: int, e1: int, *, infos: Any, bases: Any, starts: Any, **kwargs: Any) -> Any:
+        xs = [flat(info, base, starts[-1])[e0:e1] for info, base in zip(infos, bases, strict=True)]
+        if direct:
+            return xs
+        rows = buffer[:, : e1 - e0]
+        for row, x in zip(rows, xs, strict=True):
+            row.copy_(x)
+        return rows
+
+    def product(xs: Any, e0: int, e1: int, *, sums: torch.Tensor, weights: torch.Tensor, beta: float) -> None:
+        for a in range(0, e1 - e0, synthesis._PRODUCT_COLUMNS):
+            b = min(e1 - e0, a + synthesis._PRODUCT_COLUMNS)
+            block = sums[:, e0 + a : e0 + b]
+            for k, x in enumerate(xs):
+                block.addmm_(weights[:, k : k + 1], x[None, a:b], beta=beta if k == 0 else 1.0)
+
+    synthesis._fill = fill
+    if direct:
+        synthesis._product = product
 
 
 def job_touch(folder: Path) -> None:
@@ -150,7 +202,7 @@ def job_touch(folder: Path) -> None:
 
 def job_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="synthesis_floor.py job")
-    parser.add_argument("name", choices=("make", "floor", "baseline", "ours", "reads", "products", "touch"))
+    parser.add_argument("name", choices=(*ROWS, "make"))
     parser.add_argument("--folder", type=Path, required=True)
     parser.add_argument("--layers", type=int, default=48)
     args = parser.parse_args(argv)
@@ -214,7 +266,7 @@ def main() -> None:
         print(f"writing {folder} ...", file=sys.stderr)
         _job("make", folder, pythonpath=ours_path, extra=("--layers", str(args.layers)))
     _job("floor", folder, pythonpath=ours_path)  # warms the page cache
-    rows = ("floor", "baseline", "ours", "reads", "products", "touch")
+    rows = ROWS
     records: dict[str, list[dict[str, Any]]] = {row: [] for row in rows}
     for r in range(args.rounds):
         order = rows if r % 2 == 0 else rows[::-1]
@@ -234,6 +286,8 @@ def main() -> None:
         "reads": "now, reads alone (products off)",
         "products": "now, products alone (reads off), with the outputs' first touch",
         "touch": "allocate and first-touch the outputs alone",
+        "mmap-copy": "tried: files memory-mapped, chunks copied into the buffers",
+        "mmap-direct": "tried: files memory-mapped, products straight from the page cache (rank-1 per snapshot)",
     }
     loads = [x["loadavg"] for v in records.values() for x in v]
     print(
