@@ -27,7 +27,7 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -740,7 +740,11 @@ def run(
             )
             shape = (len(batch), min(chunk, total))
             passing = _cpu_pass if dev.type == "cpu" else _device_pass
-            for e0, e1 in passing(bounds, fill=fill, product=product, shape=shape, device=dev):
+            # closing: on an error, the threads are stopped before the files close.
+            chunks = stack.enter_context(
+                contextlib.closing(passing(bounds, fill=fill, product=product, shape=shape, device=dev))
+            )
+            for e0, e1 in chunks:
                 done += (e1 - e0) * len(batch)
                 if progress is not None:
                     progress(done, work)
@@ -773,7 +777,7 @@ def _product(x: torch.Tensor, e0: int, e1: int, *, sums: torch.Tensor, weights: 
 
 def _cpu_pass(
     bounds: Sequence[tuple[int, int]], *, fill: _Fill, product: _Product, shape: tuple[int, int], device: torch.device
-) -> Iterator[tuple[int, int]]:
+) -> Generator[tuple[int, int], None, None]:
     """Read and multiply each chunk on one of :data:`_WORKERS` threads; yield the chunks in order as they are done."""
     # Without os.preadv a read moves the file's offset (seek + readinto), so
     # each file may be read by one thread only.
@@ -810,7 +814,7 @@ def _cpu_pass(
 
 def _device_pass(
     bounds: Sequence[tuple[int, int]], *, fill: _Fill, product: _Product, shape: tuple[int, int], device: torch.device
-) -> Iterator[tuple[int, int]]:
+) -> Generator[tuple[int, int], None, None]:
     """Read each chunk on a reader thread while the previous one is copied to the device and multiplied there."""
     cuda = device.type == "cuda"
     # Pinned host buffers: their copies to a CUDA device are asynchronous, and
