@@ -920,7 +920,7 @@ def run_synthesis(cfg: Config, jobs: Jobs, available: dict[str, bool], fresh: bo
         ]
     parts_rows.append(
         [
-            "posthoc-ema `synthesize_many` (a reader thread beside one product thread), as above",
+            "posthoc-ema `synthesize_many` (two threads, each reading then multiplying its chunks), as above",
             f"{_median_of(runs, 'seconds'):.2f}",
             ratio(ours_ratio),
             f"{_median_of(runs, 'cpu_s'):.2f}",

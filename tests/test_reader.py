@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def chunking(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     if request.param:  # chunks of 7 elements: reads start and end inside tensors
         monkeypatch.setattr(synthesis, "_MIN_READ", 7)
         monkeypatch.setattr(synthesis, "_CHUNK_BYTES", 8)
+        monkeypatch.setattr(synthesis, "_PRODUCT_COLUMNS", 3)  # products of 3 columns: blocks end inside chunks
 
 
 class Counter:
@@ -155,3 +157,91 @@ def test_file_cut_after_planning(
             run(the_plan)
     finally:
         victim.write_bytes(data)
+
+
+# -- the workers (issue 10, item 5: synthesis at the read floor) --------------------------------
+
+
+@pytest.mark.usefixtures("chunking")
+@pytest.mark.parametrize("workers", [1, 3])
+def test_any_number_of_workers_gives_the_same_bytes(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """Each chunk is one product whichever thread does it: the threads change no bit of the result."""
+    expected = synthesize_many(folder, TARGETS)
+    monkeypatch.setattr(synthesis, "_WORKERS", workers)
+    same(synthesize_many(folder, TARGETS), expected)
+
+
+@pytest.mark.usefixtures("chunking")
+def test_batches_of_open_files_match_float64_reference(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More snapshots than may be open at once: several passes, the later ones adding to the sums."""
+    monkeypatch.setattr(synthesis, "_MAX_OPEN", 3)
+    result = synthesize_many(folder, TARGETS)
+    for target, tensors in reference(folder).items():
+        for name, expected in tensors.items():
+            np.testing.assert_allclose(result[target][name].double().numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.usefixtures("chunking")
+def test_the_device_pipeline_matches_float64_reference(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path's reader thread, double buffers and staging copies, run on the CPU (no CUDA streams)."""
+    monkeypatch.setattr(synthesis, "_cpu_pass", synthesis._device_pass)
+    result = synthesize_many(folder, TARGETS)
+    for target, tensors in reference(folder).items():
+        for name, expected in tensors.items():
+            np.testing.assert_allclose(result[target][name].double().numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.usefixtures("chunking")
+def test_cuda_pinned_pipeline_matches_float64_reference(folder: Path) -> None:
+    result = synthesize_many(folder, TARGETS, device="cuda")
+    for target, tensors in reference(folder).items():
+        for name, expected in tensors.items():
+            assert result[target][name].device.type == "cuda"
+            np.testing.assert_allclose(result[target][name].double().cpu().numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "device"])
+def test_file_cut_after_planning_in_a_later_chunk(folder: Path, monkeypatch: pytest.MonkeyPatch, pipeline: str) -> None:
+    """A file cut short is named when a chunk far into the pass reads it, with later chunks already queued."""
+    monkeypatch.setattr(synthesis, "_MIN_READ", 7)
+    monkeypatch.setattr(synthesis, "_CHUNK_BYTES", 8)
+    if pipeline == "device":
+        monkeypatch.setattr(synthesis, "_cpu_pass", synthesis._device_pass)
+    the_plan = plan(folder, TARGETS)
+    victim = the_plan.snapshots[1].path
+    data = victim.read_bytes()
+    try:
+        victim.write_bytes(data[:-12])
+        with pytest.raises(SnapshotError, match=f"{victim}: file ended while reading .*; it is truncated"):
+            run(the_plan)
+    finally:
+        victim.write_bytes(data)
+
+
+def test_an_error_in_progress_stops_the_pass(float32_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception raised by the progress callback reaches the caller, and no chunk is read after it."""
+    monkeypatch.setattr(synthesis, "_MIN_READ", 7)
+    monkeypatch.setattr(synthesis, "_CHUNK_BYTES", 8)
+    fills: list[int] = []
+    real_fill = synthesis._fill
+
+    def counting_fill(*args: object, **kwargs: object) -> torch.Tensor:
+        fills.append(1)
+        return real_fill(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(synthesis, "_fill", counting_fill)
+
+    def progress(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        synthesize_many(float32_run, TARGETS, progress=progress)
+    # At most the chunks already queued to the workers (2 per worker, plus the one reported) were read.
+    assert 1 <= len(fills) <= 2 * synthesis._WORKERS + 1
+    floats = sum(
+        math.prod(shape) for dtype, shape in plan(float32_run, TARGETS).snapshots[0].tensors.values() if dtype == "F32"
+    )
+    assert math.ceil(floats / 7) > 2 * synthesis._WORKERS + 1  # the pass had more chunks than that
