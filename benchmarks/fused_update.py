@@ -106,6 +106,7 @@ def job(args: argparse.Namespace) -> None:
         "compile_s": compile_s,
         "floor_ms": 1e3 * statistics.median(times["floor"]),
         "ratio": {name: statistics.median(values) for name, values in ratios.items()},
+        "ratio_min": {name: min(times[name]) / min(times["floor"]) for name in names},
         "ratios": ratios,
         "times": times,
         "torch": torch.__version__,
@@ -141,12 +142,14 @@ def main() -> None:
             print(json.dumps(record), file=sys.stderr, flush=True)
             records.append(record)
     names = list(records[0]["ratio"])[1:]
-    print(f"torch {records[0]['torch']}, {args.threads} thread(s), median over {args.rounds} rounds of x floor\n")
+    print(
+        f"torch {records[0]['torch']}, {args.threads} thread(s), x floor: median over {args.rounds} rounds (minimums)\n"
+    )
     print("| model | EMAs | floor (ms) | " + " | ".join(names) + " | compile (s) |")
     print("|---|---|---|" + "---|" * len(names) + "---|")
     for rec in records:
         model = f"{rec['shape']} ({rec['params'] / 1e6:.1f}M in {rec['tensors']})"
-        cells = " | ".join(f"{rec['ratio'][n]:.2f}x" for n in names)
+        cells = " | ".join(f"{rec['ratio'][n]:.2f}x ({rec['ratio_min'][n]:.2f}x)" for n in names)
         compile_cell = "" if rec["compile_s"] is None else f"{rec['compile_s']:.0f}"
         print(f"| {model} | {rec['n_emas']} | {rec['floor_ms']:.1f} | {cells} | {compile_cell} |")
 

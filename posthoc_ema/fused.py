@@ -22,11 +22,25 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["BLOCK_BYTES", "BlockedLerp"]
+__all__ = ["BLOCK_BYTES", "BlockedLerp", "block_bytes_for"]
 
-#: Bytes of source per block: half of a 1 MiB L2 cache (benchmarks/fused_update.py measured 256 KiB to 1 MiB alike).
+#: Bytes of source per block on CPU: half of a 1 MiB L2 cache (benchmarks/fused_update.py measured 256 KiB to 2 MiB
+#: alike, 128 KiB slower).
 BLOCK_BYTES = 512 << 10
+_CUDA_BLOCK_BYTES = 8 << 20  # when the device does not say its L2 size
 _ALIGN = 64  # elements: a multiple of every SIMD width, so slices start on whole vectors
+
+
+def block_bytes_for(device: torch.device) -> int:
+    """Bytes of source per block on ``device``: :data:`BLOCK_BYTES` on CPU, half the L2 cache of a GPU.
+
+    A GPU's L2 is tens of MiB and each block costs one kernel launch per EMA, so
+    its blocks are larger (this size is not measured: the benchmark machine has no GPU).
+    """
+    if device.type != "cuda":
+        return BLOCK_BYTES
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+    return max(BLOCK_BYTES, int(l2) // 2) if l2 else _CUDA_BLOCK_BYTES
 
 
 class BlockedLerp:
@@ -38,13 +52,14 @@ class BlockedLerp:
     Args:
         sources: the tensors the EMAs move towards (the model's, or their staging copies).
         emas: one list per EMA, parallel to ``sources``, of the same shapes.
-        block_bytes: bytes of source per block; default :data:`BLOCK_BYTES`.
+        block_bytes: bytes of source per block; default :func:`block_bytes_for` the sources' device.
     """
 
     def __init__(
         self, sources: list[torch.Tensor], emas: list[list[torch.Tensor]], *, block_bytes: int | None = None
     ) -> None:
-        block_bytes = BLOCK_BYTES if block_bytes is None else block_bytes
+        if block_bytes is None:
+            block_bytes = block_bytes_for(sources[0].device) if sources else BLOCK_BYTES
         self._sources = sources
         self._emas = emas
         self._blocks: list[tuple[list[torch.Tensor], list[list[torch.Tensor]]]] = []
