@@ -2,8 +2,8 @@
 
     python benchmarks/fused_update.py [--emas 2 4] [--shapes big small] [--threads 1] [--compile]
 
-Each (model, number of EMAs) runs in a fresh process that times, in rounds of
-alternating order, the same update done five ways:
+Each (model, number of EMAs) runs in a fresh process that times, in
+interleaved samples, the same update done five ways:
 
 - floor: one ``torch._foreach_lerp_(emas, sources, weight)`` per EMA (today's
   update, bare: 3k memory streams for k EMAs);
@@ -14,16 +14,20 @@ alternating order, the same update done five ways:
   elementwise, one graph per group, with the weights given as a tensor (so a
   new beta does not recompile); its compile time is reported too.
 
-Every round times ``--iters`` calls of each variant after ``--warmup`` untimed
-ones; each variant's time in a round is the median of its calls, its ratio in a
-round is that over the floor's, and the table gives the median ratio over the
-rounds. The machine may be shared: ratios within a round drift much less than
-the times. Prints a markdown table and one JSON line per job on stderr.
+After ``--warmup`` untimed calls of each, every sample calls each variant once,
+in an order that turns from sample to sample, and divides each time by the
+floor's in the same sample; the table gives the median of these ratios over
+``--rounds`` x ``--iters`` samples, and in parentheses the ratio of the
+minimum times and the median ratio of CPU times (``time.process_time``, blind
+to the time the process waits for a core). The machine may be shared: calls next to each other in time
+share its load, so their ratios drift much less than the times. Prints a
+markdown table, and one JSON line per job (every sample) on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -33,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from competitors import SHAPES, build_model, time_calls
+from competitors import SHAPES, build_model
 
 HERE = Path(__file__).resolve().parent
 SIGMA_RELS = (0.05, 0.10, 0.15, 0.20)
@@ -89,13 +93,29 @@ def job(args: argparse.Namespace) -> None:
         variants["torch.compile"] = lambda: compiled(compiled_emas, params, weight_tensor)
     ratios: dict[str, list[float]] = {name: [] for name in variants}
     times: dict[str, list[float]] = {name: [] for name in variants}
+    cpu_ratios: dict[str, list[float]] = {name: [] for name in variants}  # CPU time: blind to time off the CPU
     names = list(variants)
-    for r in range(args.rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        this_round = {name: statistics.median(time_calls(variants[name], args.iters, args.warmup)) for name in order}
-        for name in names:
-            times[name].append(this_round[name])
-            ratios[name].append(this_round[name] / this_round["floor"])
+    for fn in variants.values():
+        for _ in range(args.warmup):
+            fn()
+    gc.collect()
+    gc.disable()  # no collection inside a sample
+    try:
+        for i in range(args.rounds * args.iters):
+            # One call of each variant, in an order that turns: neighbours in time share the load.
+            order = names[i % len(names) :] + names[: i % len(names)]
+            this, this_cpu = {}, {}
+            for name in order:
+                start, start_cpu = time.perf_counter(), time.process_time()
+                variants[name]()
+                this_cpu[name] = time.process_time() - start_cpu
+                this[name] = time.perf_counter() - start
+            for name in names:
+                times[name].append(this[name])
+                ratios[name].append(this[name] / this["floor"])
+                cpu_ratios[name].append(this_cpu[name] / max(this_cpu["floor"], 1e-9))
+    finally:
+        gc.enable()
     record = {
         "shape": args.shape,
         "n_emas": args.n_emas,
@@ -106,6 +126,7 @@ def job(args: argparse.Namespace) -> None:
         "compile_s": compile_s,
         "floor_ms": 1e3 * statistics.median(times["floor"]),
         "ratio": {name: statistics.median(values) for name, values in ratios.items()},
+        "cpu_ratio": {name: statistics.median(values) for name, values in cpu_ratios.items()},
         "ratio_min": {name: min(times[name]) / min(times["floor"]) for name in names},
         "ratios": ratios,
         "times": times,
@@ -142,14 +163,18 @@ def main() -> None:
             print(json.dumps(record), file=sys.stderr, flush=True)
             records.append(record)
     names = list(records[0]["ratio"])[1:]
+    samples = args.rounds * args.iters
     print(
-        f"torch {records[0]['torch']}, {args.threads} thread(s), x floor: median over {args.rounds} rounds (minimums)\n"
+        f"torch {records[0]['torch']}, {args.threads} thread(s); x floor: median of {samples} samples "
+        "(ratio of the minimums, median ratio of CPU times)\n"
     )
     print("| model | EMAs | floor (ms) | " + " | ".join(names) + " | compile (s) |")
     print("|---|---|---|" + "---|" * len(names) + "---|")
     for rec in records:
         model = f"{rec['shape']} ({rec['params'] / 1e6:.1f}M in {rec['tensors']})"
-        cells = " | ".join(f"{rec['ratio'][n]:.2f}x ({rec['ratio_min'][n]:.2f}x)" for n in names)
+        cells = " | ".join(
+            f"{rec['ratio'][n]:.2f}x ({rec['ratio_min'][n]:.2f}x, {rec['cpu_ratio'][n]:.2f}x)" for n in names
+        )
         compile_cell = "" if rec["compile_s"] is None else f"{rec['compile_s']:.0f}"
         print(f"| {model} | {rec['n_emas']} | {rec['floor_ms']:.1f} | {cells} | {compile_cell} |")
 
