@@ -45,7 +45,7 @@ def walk(model: torch.nn.Module, generator: torch.Generator) -> None:
     with torch.no_grad():
         for t in model.state_dict().values():
             if t.is_floating_point():
-                t.add_(torch.randn(t.shape, generator=generator, dtype=t.dtype))
+                t.add_(torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device))
             else:
                 t.add_(1)
 
@@ -198,3 +198,12 @@ def test_blocked_lerp_is_foreach_lerp(sizes, n_emas, block_bytes, weights, float
     covered = sum(t.numel() for block, _ in plan._blocks for t in block)
     assert covered == sum(sizes)  # every element once
     assert plan.matches(sources, emas) and not plan.matches(list(sources), emas)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_fused_on_cuda(device):
+    model = Mixed().cuda()  # EMAs beside it, or on the CPU through pinned staging
+    plain, fused = pair(model, device=device)
+    run(model, (plain, fused), steps=6)
+    assert_same(plain, fused)
