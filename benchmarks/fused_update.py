@@ -41,7 +41,7 @@ from competitors import SHAPES, build_model
 
 HERE = Path(__file__).resolve().parent
 SIGMA_RELS = (0.05, 0.10, 0.15, 0.20)
-BLOCK_SIZES = (128 << 10, 256 << 10, 1 << 20, 2 << 20)
+BLOCK_SIZES = (256 << 10, 512 << 10, 2 << 20)
 JOB_TIMEOUT_S = 1800
 
 

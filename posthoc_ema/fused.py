@@ -11,9 +11,11 @@ Every element goes through the same ``lerp`` as in the plain update, with the
 same weight, so the results are bit for bit the same. PyTorch's CPU kernel
 (``aten/src/ATen/native/cpu/LerpKernel.cpp`` and ``aten/src/ATen/native/Lerp.h``
 in pytorch/pytorch) computes ``start + w * (end - start)`` for ``|w| < 0.5`` and
-``end - (end - start) * (1 - w)`` otherwise, per element; a block boundary only
-changes which elements share a vector register. Blocks start at multiples of
-:data:`_ALIGN` elements inside a tensor all the same, so whole vectors stay whole.
+``end - (end - start) * (1 - w)`` otherwise, per element, in its vector body and
+its scalar tail alike (on CUDA, per thread); a block boundary only changes which
+elements share a vector register, or fall in a tail. Blocks start at multiples
+of :data:`_ALIGN` elements inside a tensor all the same, so whole vectors stay
+whole. ``tests/test_fused.py`` checks the equality with ``torch.equal``.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import torch
 
 __all__ = ["BLOCK_BYTES", "BlockedLerp", "block_bytes_for"]
 
-#: Bytes of source per block on CPU: half of a 1 MiB L2 cache (benchmarks/fused_update.py measured 256 KiB to 2 MiB
-#: alike, 128 KiB slower).
-BLOCK_BYTES = 512 << 10
+#: Bytes of source per block on CPU: the benchmark machine's L2 size. In three runs of benchmarks/fused_update.py
+#: on a 20M-parameter model, 1 and 2 MiB were the fastest, 512 KiB a little and 256 KiB clearly slower; on a model
+#: of 2,000 small tensors (which the L3 cache holds) 256 KiB was a few percent faster than 1 MiB.
+BLOCK_BYTES = 1 << 20
 _CUDA_BLOCK_BYTES = 8 << 20  # when the device does not say its L2 size
 _ALIGN = 64  # elements: a multiple of every SIMD width, so slices start on whole vectors
 
@@ -53,6 +56,16 @@ class BlockedLerp:
         sources: the tensors the EMAs move towards (the model's, or their staging copies).
         emas: one list per EMA, parallel to ``sources``, of the same shapes.
         block_bytes: bytes of source per block; default :func:`block_bytes_for` the sources' device.
+
+    Example:
+        >>> sources = [torch.ones(1000), torch.ones(10)]
+        >>> emas = [[torch.zeros(1000), torch.zeros(10)] for _ in range(2)]
+        >>> lerps = BlockedLerp(sources, emas, block_bytes=1024)  # 256 floats per block
+        >>> lerps.n_blocks
+        4
+        >>> lerps([0.25, 0.5])  # as torch._foreach_lerp_(emas[0], sources, 0.25), then 0.5 for emas[1]
+        >>> emas[0][1][0].item(), emas[1][0][-1].item()
+        (0.25, 0.5)
     """
 
     def __init__(

@@ -312,9 +312,10 @@ class PostHocEMA:
             of training can be synthesized.
         fused: update all the EMAs in one pass over the weights, block by
             block (:class:`posthoc_ema.fused.BlockedLerp`), instead of one pass
-            per EMA: the same numbers bit for bit, in 0.8-0.9x the time of the
-            plain update with 2 to 4 EMAs on CPU (``docs/benchmarks.md``). Off
-            by default; it needs no compiler.
+            per EMA: the same numbers bit for bit, in about 0.9x the time of the
+            plain update with 2 EMAs and 0.8x with 4 on a CPU and a model of
+            large tensors; no faster on a model of many small ones
+            (``docs/benchmarks.md``). It needs no compiler.
 
     Raises:
         ValueError: for a sigma_rel outside (0, sqrt(1/12)), repeated sigma_rels,
