@@ -88,6 +88,16 @@ def test_fused_is_the_plain_update_bit_for_bit(update_every):
     assert not torch.equal(fused.ema_state_dict(0.05)["embed.weight"], model.embed.weight)
 
 
+def test_fused_blocks_are_built_once():
+    model = Mixed()
+    plain, fused = pair(model)
+    run(model, (plain, fused), steps=1)
+    plans = dict(fused._fused_plans)
+    assert not plain._fused_plans
+    run(model, (plain, fused), steps=5)
+    assert all(fused._fused_plans[n] is plan for n, plan in plans.items())  # the same views, not new ones
+
+
 def test_fused_moves_by_the_lerp_formula():
     """An independent float64 reference: ema <- ema + w (x - ema), w = 1 - beta (EDM2 eq. 127)."""
     model = torch.nn.Linear(40, 30)
