@@ -1,0 +1,219 @@
+"""The fused update (``fused=True``): bit for bit the plain update, whatever the model does."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from posthoc_ema import ModelChangedError, PostHocEMA
+from posthoc_ema import fused as fused_module
+from posthoc_ema.fused import BlockedLerp
+from posthoc_ema.schedules import Constant, HalfLife
+
+SIGMA_RELS = (0.03, 0.05, 0.10, 0.20)
+SCHEDULES = {"timm": Constant(0.9), "half": HalfLife(3.0)}
+
+
+class Mixed(torch.nn.Module):
+    """Tensors of every kind the tracker groups: float32, float64, a strided one, tied, integer buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Linear(37, 29)
+        self.head = torch.nn.Linear(37, 29, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        self.norm = torch.nn.BatchNorm1d(29)  # num_batches_tracked: an integer buffer, copied
+        self.wide = torch.nn.Parameter(torch.randn(300, dtype=torch.float64))
+        self.strided = torch.nn.Parameter(torch.randn(7, 11).t())  # not contiguous: goes whole into a block
+        self.register_buffer("stat", torch.randn(5, 13))
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of 512 bytes, so the tiny models are cut inside tensors and across them."""
+    monkeypatch.setattr(fused_module, "BLOCK_BYTES", 512)
+
+
+def walk(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """One training step's change: every floating tensor moves, the counter counts."""
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.add_(torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device))
+            else:
+                t.add_(1)
+
+
+def pair(model: torch.nn.Module, **kwargs) -> tuple[PostHocEMA, PostHocEMA]:
+    plain = PostHocEMA(model, SIGMA_RELS, schedules=SCHEDULES, snapshot_every=None, **kwargs)
+    fused = PostHocEMA(model, SIGMA_RELS, schedules=SCHEDULES, snapshot_every=None, fused=True, **kwargs)
+    return plain, fused
+
+
+def assert_same(plain: PostHocEMA, fused: PostHocEMA) -> None:
+    assert fused.step == plain.step and fused.ema_step == plain.ema_step
+    for name in [*plain.sigma_rels, *plain.names]:
+        ours, theirs = fused.ema_state_dict(name), plain.ema_state_dict(name)
+        assert list(ours) == list(theirs)
+        for key in theirs:
+            assert ours[key].dtype == theirs[key].dtype
+            assert torch.equal(ours[key], theirs[key]), (name, key)
+
+
+def run(model: torch.nn.Module, trackers: tuple[PostHocEMA, ...], steps: int, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        walk(model, generator)
+        for tracker in trackers:
+            tracker.update()
+
+
+@pytest.mark.parametrize("update_every", [1, 3])
+def test_fused_is_the_plain_update_bit_for_bit(update_every):
+    model = Mixed()
+    plain, fused = pair(model, update_every=update_every)
+    assert not plain.fused and fused.fused
+    run(model, (plain, fused), steps=40)  # weights from ~1 (early steps) to far below 0.5
+    assert_same(plain, fused)
+    # It really is blocked: several blocks, pieces of one tensor in different blocks.
+    plans = {plan._sources[0].dtype: plan for plan in fused._fused_plans.values()}
+    assert plans[torch.float32].n_blocks > 5 and plans[torch.float64].n_blocks > 1
+    # ... and really moved: the EMAs are not the model, nor where they started.
+    assert not torch.equal(fused.ema_state_dict(0.05)["embed.weight"], model.embed.weight)
+
+
+def test_fused_blocks_are_built_once():
+    model = Mixed()
+    plain, fused = pair(model)
+    run(model, (plain, fused), steps=1)
+    plans = dict(fused._fused_plans)
+    assert not plain._fused_plans
+    run(model, (plain, fused), steps=5)
+    assert all(fused._fused_plans[n] is plan for n, plan in plans.items())  # the same views, not new ones
+
+
+def test_fused_moves_by_the_lerp_formula():
+    """An independent float64 reference: ema <- ema + w (x - ema), w = 1 - beta (EDM2 eq. 127)."""
+    model = torch.nn.Linear(40, 30)
+    tracker = PostHocEMA(model, 0.10, snapshot_every=None, fused=True)
+    gamma = tracker.gammas[0]
+    expected = model.weight.detach().double().clone()
+    generator = torch.Generator().manual_seed(1)
+    for step in range(1, 20):
+        walk(model, generator)
+        tracker.update()
+        weight = 1.0 - ((step - 1) / step) ** (gamma + 1)
+        expected += weight * (model.weight.detach().double() - expected)
+    torch.testing.assert_close(tracker.ema_state_dict(0.1)["weight"].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_with_staging_and_after_to():
+    model = Mixed().to(torch.bfloat16)  # staged into float32 before the lerps
+    plain, fused = pair(model, device="cpu")
+    run(model, (plain, fused), steps=7)
+    assert_same(plain, fused)
+    for tracker in (plain, fused):
+        tracker.to(dtype=torch.float64)  # new EMA tensors: the blocks are rebuilt
+    assert not fused._fused_plans
+    run(model, (plain, fused), steps=7, seed=1)
+    assert_same(plain, fused)
+    assert fused.ema_state_dict(0.05)["stat"].dtype == torch.float64
+
+
+def test_fused_follows_replaced_tensors():
+    model = Mixed()
+    plain, fused = pair(model)
+    run(model, (plain, fused), steps=5)
+    torch.manual_seed(3)
+    model.stat = torch.randn(5, 13)  # a new buffer of the same shape: followed
+    model.embed.weight = torch.nn.Parameter(torch.randn(29, 37))  # tied: replaced in both places
+    model.head.weight = model.embed.weight
+    run(model, (plain, fused), steps=5, seed=1)
+    assert_same(plain, fused)
+    # The blocks were rebuilt over the new tensors, not the old ones.
+    viewed = {t.untyped_storage().data_ptr() for plan in fused._fused_plans.values() for t in plan._sources}
+    assert model.stat.untyped_storage().data_ptr() in viewed
+
+
+def test_fused_refuses_a_moved_model_as_the_plain_update():
+    model = Mixed()
+    plain, fused = pair(model)
+    run(model, (plain, fused), steps=2)
+    model.double()
+    messages = []
+    for tracker in (plain, fused):
+        with pytest.raises(ModelChangedError, match="create PostHocEMA after moving the model") as raised:
+            tracker.update()
+        messages.append(str(raised.value))
+    assert messages[0] == messages[1]
+
+
+def test_fused_resumes_bit_for_bit(tmp_path):
+    model = Mixed()
+    plain, fused = pair(model, update_every=2)
+    run(model, (plain, fused), steps=9)
+    torch.save(fused.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    resumed = PostHocEMA(model, SIGMA_RELS, schedules=SCHEDULES, snapshot_every=None, fused=True, update_every=2)
+    resumed.update()  # its blocks exist already: the load copies into the same tensors
+    resumed.load_state_dict(state)
+    assert_same(fused, resumed)
+    run(model, (plain, fused, resumed), steps=9, seed=1)
+    assert_same(plain, resumed)
+    assert_same(fused, resumed)
+
+
+def test_fused_copies_and_pickles_without_its_blocks():
+    model = Mixed()
+    plain, fused = pair(model)
+    run(model, (plain, fused), steps=4)
+    assert fused._fused_plans
+    assert "_fused_plans" not in fused.__getstate__()
+    assert pickle.loads(pickle.dumps(fused)).fused
+    model_copy, fused_copy = copy.deepcopy((model, fused))
+    plain_copy = PostHocEMA(model_copy, SIGMA_RELS, schedules=SCHEDULES, snapshot_every=None)
+    plain_copy.load_state_dict(plain.state_dict())
+    run(model_copy, (plain_copy, fused_copy), steps=4, seed=2)
+    assert_same(plain_copy, fused_copy)
+    assert_same(plain, fused)  # the copy's blocks view the copy's tensors: the original's EMAs did not move
+    assert not torch.equal(fused.ema_state_dict(0.05)["stat"], fused_copy.ema_state_dict(0.05)["stat"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 700), min_size=1, max_size=8),
+    n_emas=st.integers(1, 4),
+    block_bytes=st.integers(1, 3000),
+    weights=st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4),
+    float64=st.booleans(),
+)
+def test_blocked_lerp_is_foreach_lerp(sizes, n_emas, block_bytes, weights, float64):
+    dtype = torch.float64 if float64 else torch.float32
+    generator = torch.Generator().manual_seed(sum(sizes))
+    sources = [torch.randn(n, generator=generator, dtype=dtype) for n in sizes]
+    expected = [[torch.randn(n, generator=generator, dtype=dtype) for n in sizes] for _ in range(n_emas)]
+    emas = [[t.clone() for t in ema] for ema in expected]
+    plan = BlockedLerp(sources, emas, block_bytes=block_bytes)
+    for ema, weight in zip(expected, weights, strict=False):
+        torch._foreach_lerp_(ema, sources, weight)
+    plan(weights[:n_emas])
+    for ours, theirs in zip(emas, expected, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    covered = sum(t.numel() for block, _ in plan._blocks for t in block)
+    assert covered == sum(sizes)  # every element once
+    assert plan.matches(sources, emas) and not plan.matches(list(sources), emas)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_fused_on_cuda(device):
+    model = Mixed().cuda()  # EMAs beside it, or on the CPU through pinned staging
+    plain, fused = pair(model, device=device)
+    run(model, (plain, fused), steps=6)
+    assert_same(plain, fused)
