@@ -820,6 +820,7 @@ def test_results_carry_a_fingerprint(run_dir: Path, tmp_path: Path, evaluator: C
         "run_ids": sorted({i.run_id for i in list_snapshots(run_dir) if i.run_id is not None}),
         "command": evaluator(),
         "metric": "loss",
+        "classic_basis": False,
     }
     assert SweepResult.from_json(out / RESULTS_JSON).fingerprint == data["fingerprint"]
 
