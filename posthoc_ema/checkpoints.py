@@ -71,7 +71,7 @@ from posthoc_ema.errors import SnapshotError, UnresolvedProfileWarning
 from posthoc_ema.files import read_header, write_atomic
 from posthoc_ema.schedules import PowerFunction, Schedule
 from posthoc_ema.snapshots import FORMAT as SNAPSHOT_FORMAT
-from posthoc_ema.synthesis import ByTarget, StateDict, Target, _as_targets, _target_key_of, target_label
+from posthoc_ema.synthesis import ByTarget, StateDict, Target, _as_targets, _schedules_of, _target_key_of, target_label
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
@@ -602,19 +602,7 @@ def plan_checkpoints(
     given = _as_targets(targets)
     if not given:
         raise ValueError("targets is empty; give at least one target sigma_rel or schedule")
-    scheds = [
-        PowerFunction(sigma_rel=profiles.canonical_sigma_rel(float(t.sigma_rel)))  # type: ignore[arg-type]
-        if isinstance(t, PowerFunction)
-        else t
-        if isinstance(t, Schedule)
-        else PowerFunction(sigma_rel=profiles.canonical_sigma_rel(t))
-        for t in given
-    ]
-    labels = [target_label(t) for t in scheds]
-    if len(set(labels)) != len(labels):
-        repeated = next(t for t, k in zip(scheds, labels, strict=True) if labels.count(k) > 1)
-        what = f"sigma_rel {repeated.sigma_rel!r}" if isinstance(repeated, PowerFunction) else repr(repeated)
-        raise ValueError(f"targets repeats {what}")
+    scheds, labels = _schedules_of(given, name="targets")
     found = find_checkpoints(run_dir, step_pattern=step_pattern, glob=glob)
     steps = [c.step for c in found]
     if step is None:

@@ -635,6 +635,24 @@ def _solve_with_classic(
     return coef, errors
 
 
+def _schedules_of(given: Sequence[Target], *, name: str) -> tuple[list[Schedule], list[str]]:
+    """The targets as schedules (sigma_rels by the identity rule) and their labels; ValueError for a repeat."""
+    scheds = [
+        PowerFunction(sigma_rel=profiles.canonical_sigma_rel(float(t.sigma_rel)))  # type: ignore[arg-type]
+        if isinstance(t, PowerFunction)
+        else t
+        if isinstance(t, Schedule)
+        else PowerFunction(sigma_rel=profiles.canonical_sigma_rel(t))
+        for t in given
+    ]
+    labels = [target_label(t) for t in scheds]
+    if len(set(labels)) != len(labels):
+        repeated = next(t for t, k in zip(scheds, labels, strict=True) if labels.count(k) > 1)
+        what = f"sigma_rel={repeated.sigma_rel!r}" if isinstance(repeated, PowerFunction) else repr(repeated)
+        raise ValueError(f"{name} repeats {what}")
+    return scheds, labels
+
+
 def _update_every(used: Sequence[SnapshotInfo], update_every: int | None) -> int:
     if update_every is not None:
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
@@ -717,19 +735,7 @@ def plan(
     given = _as_targets(sigma_rels)
     if not given:
         raise ValueError("sigma_rels is empty; give at least one target sigma_rel or schedule")
-    scheds = [
-        PowerFunction(sigma_rel=profiles.canonical_sigma_rel(t.sigma_rel))  # type: ignore[arg-type]
-        if isinstance(t, PowerFunction)
-        else t
-        if isinstance(t, Schedule)
-        else PowerFunction(sigma_rel=profiles.canonical_sigma_rel(t))
-        for t in given
-    ]
-    labels = [target_label(t) for t in scheds]
-    if len(set(labels)) != len(labels):
-        repeated = next(t for t, k in zip(scheds, labels, strict=True) if labels.count(k) > 1)
-        what = f"sigma_rel={repeated.sigma_rel!r}" if isinstance(repeated, PowerFunction) else repr(repeated)
-        raise ValueError(f"sigma_rels repeats {what}")
+    scheds, labels = _schedules_of(given, name="sigma_rels")
     power = [j for j, t in enumerate(scheds) if isinstance(t, PowerFunction)]
     classic = [j for j, t in enumerate(scheds) if not isinstance(t, PowerFunction)]
     power_sigmas = tuple(float(scheds[j].sigma_rel) for j in power)  # type: ignore[attr-defined]

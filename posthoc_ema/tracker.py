@@ -1469,23 +1469,7 @@ class PostHocEMA:
         (``rank0_only=True``, see :attr:`holds_emas`) it holds the counters only,
         marked ``"counters_only": True``; save rank 0's state to resume.
         """
-        if not self._holds_emas:
-            return {
-                "format": STATE_FORMAT,
-                "version": STATE_VERSION,
-                "sigma_rels": list(self.sigma_rels),
-                "step": self.step,
-                "ema_step": self._ema_step,
-                "calls": self._calls,
-                "snapshot_step": self._snapshot_step,
-                "run_id": self.run_id,
-                "start_steps": list(self._start_steps),
-                "emas": [],
-                "schedules": {name: spec for name, _, spec in self._named},
-                "schedule_emas": {},
-                "counters_only": True,
-            }
-        return {
+        state: dict[str, Any] = {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "sigma_rels": list(self.sigma_rels),
@@ -1495,8 +1479,12 @@ class PostHocEMA:
             "snapshot_step": self._snapshot_step,
             "run_id": self.run_id,
             "start_steps": list(self._start_steps),
-            "emas": [dict(self._ema_items(i)) for i in range(len(self.sigma_rels))],
             "schedules": {name: spec for name, _, spec in self._named},
+        }
+        if not self._holds_emas:
+            return state | {"emas": [], "schedule_emas": {}, "counters_only": True}
+        return state | {
+            "emas": [dict(self._ema_items(i)) for i in range(len(self.sigma_rels))],
             "schedule_emas": {
                 name: dict(self._ema_items(len(self.sigma_rels) + i)) for i, name in enumerate(self.names)
             },

@@ -500,7 +500,7 @@ def test_classic_and_power_targets_mix_in_one_call(tmp_path: Path) -> None:
     assert "count" in sds[HalfLife(50.0)] and int(sds[HalfLife(50.0)]["count"]) == T_END
     with pytest.raises(ValueError, match=r"targets repeats Constant\(beta=0.99, start=0\)"):
         plan_checkpoints(run, [Constant(0.99), Constant(0.99)])
-    with pytest.raises(ValueError, match=r"targets repeats sigma_rel 0\.1"):
+    with pytest.raises(ValueError, match=r"targets repeats sigma_rel=0\.1"):
         plan_checkpoints(run, [0.1, PowerFunction(sigma_rel=0.1)])
     with pytest.raises(ValueError, match="targets is empty; give at least one target sigma_rel or schedule"):
         plan_checkpoints(run, [])
