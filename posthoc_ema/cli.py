@@ -560,6 +560,22 @@ NoClassic = Annotated[
     ),
 ]
 
+# The options of the commands that write synthesized files (synthesize, from-checkpoints).
+Output = Annotated[
+    str | None,
+    typer.Option(
+        "--output",
+        "-o",
+        metavar="PATH",
+        help="Output file (one target), or folder (several targets, or a path ending in /). "
+        "Default: ema-SIGMA-STEP.safetensors (ema-SPEC-STEP for a classic EMA), here.",
+        show_default=False,
+    ),
+]
+AccumulateDevice = Annotated[Device, typer.Option(help="Where to accumulate.")]
+WrittenDtype = Annotated[OutputDtype, typer.Option(help="Dtype of the floating tensors written.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace output files that exist.")]
+
 
 def _version(value: bool) -> None:
     if value:
@@ -650,23 +666,13 @@ def synthesize(
     half_life: HalfLives = None,
     ema_start: EmaStarts = None,
     schedule: Specs = None,
-    output: Annotated[
-        str | None,
-        typer.Option(
-            "--output",
-            "-o",
-            metavar="PATH",
-            help="Output file (one target), or folder (several targets, or a path ending in /). "
-            "Default: ema-SIGMA-STEP.safetensors (ema-SPEC-STEP for a classic EMA), here.",
-            show_default=False,
-        ),
-    ] = None,
+    output: Output = None,
     step: Step = None,
     prefix: Prefix = None,
     no_classic: NoClassic = False,
-    device: Annotated[Device, typer.Option(help="Where to accumulate.")] = Device.cpu,
-    dtype: Annotated[OutputDtype, typer.Option(help="Dtype of the floating tensors written.")] = OutputDtype.float32,
-    force: Annotated[bool, typer.Option("--force", help="Replace output files that exist.")] = False,
+    device: AccumulateDevice = Device.cpu,
+    dtype: WrittenDtype = OutputDtype.float32,
+    force: Force = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan and the coefficients; read and write no tensors.")
     ] = False,
@@ -923,7 +929,7 @@ def sweep_command(
         bool,
         typer.Option("--keep-weights/--delete-weights", help="Keep each synthesized file after its evaluation."),
     ] = True,
-    device: Annotated[Device, typer.Option(help="Where to accumulate.")] = Device.cpu,
+    device: AccumulateDevice = Device.cpu,
     sigma_rel: SigmaRels = None,
     beta: Betas = None,
     half_life: HalfLives = None,
@@ -1134,17 +1140,7 @@ def from_checkpoints_command(
     half_life: HalfLives = None,
     ema_start: EmaStarts = None,
     schedule: Specs = None,
-    output: Annotated[
-        str | None,
-        typer.Option(
-            "--output",
-            "-o",
-            metavar="PATH",
-            help="Output file (one target), or folder (several targets, or a path ending in /). "
-            "Default: ema-SIGMA-STEP.safetensors (ema-SPEC-STEP for a classic EMA), here.",
-            show_default=False,
-        ),
-    ] = None,
+    output: Output = None,
     key: Key = None,
     step_pattern: StepPattern = None,
     glob: Annotated[str, typer.Option(help="Which paths under RUN_DIR are checkpoints.")] = "*",
@@ -1152,9 +1148,9 @@ def from_checkpoints_command(
         InterpolationChoice, typer.Option(help="The trajectory assumed between checkpoints.")
     ] = InterpolationChoice.piecewise_constant,
     step: Step = None,
-    device: Annotated[Device, typer.Option(help="Where to accumulate.")] = Device.cpu,
-    dtype: Annotated[OutputDtype, typer.Option(help="Dtype of the floating tensors written.")] = OutputDtype.float32,
-    force: Annotated[bool, typer.Option("--force", help="Replace output files that exist.")] = False,
+    device: AccumulateDevice = Device.cpu,
+    dtype: WrittenDtype = OutputDtype.float32,
+    force: Force = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the report and the weights; read and write no tensors.")
     ] = False,
