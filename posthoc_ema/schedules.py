@@ -88,6 +88,15 @@ def _check_update_steps(update_steps: ArrayLike) -> FloatArray:
     return t
 
 
+def _updates(lo: int, hi: int, grid: FloatArray | None) -> tuple[FloatArray, FloatArray]:
+    """``(t_prev, t)`` of the updates ``lo .. hi - 1`` (0-based) of ``grid``; every integer step when it is None."""
+    if grid is None:
+        t = np.arange(lo + 1, hi + 1, dtype=np.float64)
+        return t - 1.0, t
+    t = grid[lo:hi]
+    return np.concatenate([[0.0] if lo == 0 else grid[lo - 1 : lo], t[:-1]]), t
+
+
 def _check_out_step(out_step: float) -> float:
     value = float(out_step)
     if not (math.isfinite(value) and value > 0):
@@ -176,12 +185,7 @@ class Schedule(abc.ABC):
         hi = n
         while hi > 0:
             lo = max(0, hi - _CHUNK)
-            if steps is None:
-                t = np.arange(lo + 1, hi + 1, dtype=np.float64)
-                t_prev = t - 1.0
-            else:
-                t = steps[lo:hi]
-                t_prev = np.concatenate([[0.0] if lo == 0 else steps[lo - 1 : lo], t[:-1]])
+            t_prev, t = _updates(lo, hi, steps)
             lb = self.log_beta(t, t_prev)
             # Sum of the log-decays strictly after each update (no -inf - -inf).
             after = np.concatenate([np.cumsum(lb[:0:-1])[::-1], [0.0]]) + later
@@ -389,12 +393,7 @@ class Schedule(abc.ABC):
         finite, zeros = 0.0, 0
         for lo in range(0, n, _CHUNK):
             hi = min(n, lo + _CHUNK)
-            if grid is None:
-                t = np.arange(lo + 1, hi + 1, dtype=np.float64)
-                t_prev = t - 1.0
-            else:
-                t = grid[lo:hi]
-                t_prev = np.concatenate([[0.0] if lo == 0 else grid[lo - 1 : lo], t[:-1]])
+            t_prev, t = _updates(lo, hi, grid)
             lb = self.log_beta(t, t_prev)
             copy = np.isneginf(lb)
             running = finite + np.cumsum(np.where(copy, 0.0, lb))
@@ -522,12 +521,7 @@ def _segments(scheds: list[Schedule], ends: ArrayLike, gammas: ArrayLike, update
     finite, zeros = np.zeros(n_s), np.zeros(n_s, dtype=np.int64)
     for lo in range(0, n, _CHUNK):
         hi = min(n, lo + _CHUNK)
-        if grid is None:
-            t = np.arange(lo + 1, hi + 1, dtype=np.float64)
-            t_prev = t - 1.0
-        else:
-            t = grid[lo:hi]
-            t_prev = np.concatenate([[0.0] if lo == 0 else grid[lo - 1 : lo], t[:-1]])
+        t_prev, t = _updates(lo, hi, grid)
         seg = np.searchsorted(t_end, t, side="left")
         width = t - t_prev
         log_reach = np.log(t) - log_end[seg]
