@@ -6,7 +6,9 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -107,12 +109,17 @@ def reference(folder: Path) -> dict[float, dict[str, np.ndarray]]:
     }
 
 
+def assert_matches_reference(folder: Path, result: Mapping[Any, Mapping[str, torch.Tensor]]) -> None:
+    """Every output tensor of ``result`` equals the float64 sum of the snapshots, to float32 accuracy."""
+    for target, tensors in reference(folder).items():
+        for name, expected in tensors.items():
+            np.testing.assert_allclose(result[target][name].double().cpu().numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.usefixtures("chunking")
 def test_fast_path_matches_float64_reference(folder: Path) -> None:
     result = synthesize_many(folder, TARGETS)
-    for target, tensors in reference(folder).items():
-        for name, expected in tensors.items():
-            np.testing.assert_allclose(result[target][name].double().numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert_matches_reference(folder, result)
 
 
 @pytest.mark.usefixtures("chunking")
@@ -178,9 +185,7 @@ def test_batches_of_open_files_match_float64_reference(folder: Path, monkeypatch
     """More snapshots than may be open at once: several passes, the later ones adding to the sums."""
     monkeypatch.setattr(synthesis, "_MAX_OPEN", 3)
     result = synthesize_many(folder, TARGETS)
-    for target, tensors in reference(folder).items():
-        for name, expected in tensors.items():
-            np.testing.assert_allclose(result[target][name].double().numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert_matches_reference(folder, result)
 
 
 @pytest.mark.usefixtures("chunking")
@@ -188,19 +193,15 @@ def test_the_device_pipeline_matches_float64_reference(folder: Path, monkeypatch
     """The GPU path's reader thread, double buffers and staging copies, run on the CPU (no CUDA streams)."""
     monkeypatch.setattr(synthesis, "_cpu_pass", synthesis._device_pass)
     result = synthesize_many(folder, TARGETS)
-    for target, tensors in reference(folder).items():
-        for name, expected in tensors.items():
-            np.testing.assert_allclose(result[target][name].double().numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert_matches_reference(folder, result)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.usefixtures("chunking")
 def test_cuda_pinned_pipeline_matches_float64_reference(folder: Path) -> None:
     result = synthesize_many(folder, TARGETS, device="cuda")
-    for target, tensors in reference(folder).items():
-        for name, expected in tensors.items():
-            assert result[target][name].device.type == "cuda"
-            np.testing.assert_allclose(result[target][name].double().cpu().numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert all(t.device.type == "cuda" for sd in result.values() for t in sd.values())
+    assert_matches_reference(folder, result)
 
 
 @pytest.mark.parametrize("pipeline", ["cpu", "device"])
