@@ -27,11 +27,11 @@ from torch.nn.modules.module import (
 )
 
 from posthoc_ema import distributed, profiles
+from posthoc_ema import fused as fusing
 from posthoc_ema._version import __version__
 from posthoc_ema.dtypes import dtype_name, parse_dtype
 from posthoc_ema.errors import ModelChangedError, SnapshotError, SnapshotWriteError
 from posthoc_ema.files import write_atomic
-from posthoc_ema.fused import BlockedLerp
 from posthoc_ema.schedules import PowerFunction, Schedule, to_metadata
 from posthoc_ema.snapshots import (
     DEFAULT_PREFIX,
@@ -347,7 +347,13 @@ class PostHocEMA:
             per EMA: the same numbers bit for bit, in about 0.9x the time of the
             plain update with 2 EMAs and 0.8x with 4 on a CPU and a model of
             large tensors; no faster on a model of many small ones
-            (``docs/benchmarks.md``). It needs no compiler.
+            (``docs/benchmarks.md``). It needs no compiler. ``"compile"``: the
+            same numbers from a kernel made by ``torch.compile`` that reads each
+            weight once for all the EMAs (:class:`posthoc_ema.fused.CompiledLerp`),
+            for tensors of 64Ki elements or more; it is compiled at the first
+            update (seconds to a minute, once per process), checked bit for bit
+            against ``torch._foreach_lerp_`` on a probe, and replaced by ``True``
+            with one logged warning where it cannot be compiled or is not exact.
 
     Raises:
         ValueError: for a sigma_rel outside (0, sqrt(1/12)), repeated sigma_rels,
@@ -408,7 +414,7 @@ class PostHocEMA:
         final_snapshot: bool = True,
         rank0_only: bool = False,
         gather_snapshots: bool = False,
-        fused: bool = False,
+        fused: bool | Literal["compile"] = False,
     ) -> None:
         if isinstance(sigma_rels, torch.Tensor):
             sigma_rels = sigma_rels.detach().cpu().double().numpy()
@@ -439,8 +445,11 @@ class PostHocEMA:
         self.existing = existing
         self.final_snapshot = bool(final_snapshot)
         self.gather_snapshots = bool(gather_snapshots)
-        self.fused = bool(fused)
-        self._fused_plans: dict[int, BlockedLerp] = {}  # group index -> its prepared blocks, built at the first update
+        if fused not in (False, True, "compile"):
+            raise ValueError(f"fused={fused!r} is not one of False, True, 'compile'")
+        self.fused: bool | Literal["compile"] = "compile" if fused == "compile" else bool(fused)
+        # group index -> its prepared blocks (or compiled chunks), built at the first update
+        self._fused_plans: dict[int, fusing.BlockedLerp | fusing.CompiledLerp] = {}
         #: Identity of this training run, in every snapshot's metadata; kept by state_dict() and load_state_dict().
         self.run_id = uuid.uuid4().hex
         self.step = 0
@@ -787,7 +796,8 @@ class PostHocEMA:
                 if self.fused:
                     plan = self._fused_plans.get(number)
                     if plan is None or not plan.matches(sources, group.emas):
-                        plan = self._fused_plans[number] = BlockedLerp(sources, group.emas)
+                        plan = fusing.plan(sources, group.emas, compile=self.fused == "compile")
+                        self._fused_plans[number] = plan
                     plan(weights)
                     continue
                 for emas, weight in zip(group.emas, weights, strict=True):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -217,3 +218,170 @@ def test_fused_on_cuda(device):
     plain, fused = pair(model, device=device)
     run(model, (plain, fused), steps=6)
     assert_same(plain, fused)
+
+
+# ------------------------------------------------------------------ fused="compile"
+
+
+class Layers(torch.nn.Module):
+    """Ten 16x16 weights (compiled, with a small MIN_COMPILED: two chunks, the second padded), their biases
+    (too small: blocked), a float64 tensor (its own group and kernel) and a strided one (blocked)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(10)])
+        self.wide = torch.nn.Parameter(torch.randn(width * width, dtype=torch.float64))
+        self.strided = torch.nn.Parameter(torch.randn(width, width).t())
+
+
+class FakeKernel:
+    """An exact stand-in for a compiled kernel (torch's own lerp per tensor) that counts, and can fail."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.calls, self.elements, self.fail_at = 0, 0, fail_at
+
+    def __call__(self, sources, emas, weights):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
+        self.elements += sum(t.numel() for t in sources)
+        for targets, weight in zip(emas, weights.tolist(), strict=True):
+            torch._foreach_lerp_(targets, sources, weight)
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """A fresh kernel cache and a MIN_COMPILED that the tiny models reach."""
+    monkeypatch.setattr(fused_module, "_kernels", {})
+    monkeypatch.setattr(fused_module, "_unavailable", [])
+    monkeypatch.setattr(fused_module, "MIN_COMPILED", 64)
+
+
+def compile_pair(model: torch.nn.Module) -> tuple[PostHocEMA, PostHocEMA]:
+    plain = PostHocEMA(model, SIGMA_RELS, schedules=SCHEDULES, snapshot_every=None)
+    compiled = PostHocEMA(model, SIGMA_RELS, schedules=SCHEDULES, snapshot_every=None, fused="compile")
+    return plain, compiled
+
+
+def test_fused_refuses_an_unknown_mode():
+    with pytest.raises(ValueError, match="fused='fast' is not one of False, True, 'compile'"):
+        PostHocEMA(torch.nn.Linear(2, 2), 0.1, fused="fast")
+
+
+def small_weight_steps(tracker: PostHocEMA, steps: range) -> int:
+    """How many of these steps have every weight below 0.5 (EDM2 eq. 127, and 1 - beta of each schedule)."""
+    return sum(
+        all(1.0 - ((step - 1) / step) ** (g + 1) < 0.5 for g in tracker.gammas)
+        and all(1.0 - float(schedule.beta(step, step - 1)) < 0.5 for schedule in SCHEDULES.values())
+        for step in steps
+    )
+
+
+def test_compiled_chunks_cover_every_tensor_once(monkeypatch, no_kernels):
+    kernel = FakeKernel()
+    monkeypatch.setattr(fused_module, "_compile", lambda fn: kernel)
+    model = Layers()
+    plain, compiled = compile_pair(model)
+    run(model, (plain, compiled), steps=1)  # the first weights are 1: the blocked update, after the probes
+    plans = {plan._sources[0].dtype: plan for plan in compiled._fused_plans.values()}
+    assert all(plan.compiled for plan in plans.values())
+    assert kernel.calls == 2  # one probe per dtype; the first update did not use the kernel
+    run(model, (plain, compiled), steps=79, seed=1)
+    assert_same(plain, compiled)  # a tensor missed, or updated twice, would show
+    # Float32: ten 256-element weights in two chunks of 8 (six of them scratch); float64: one chunk of 8.
+    assert [len(sources) for sources, _ in plans[torch.float32]._chunks] == [8, 8]
+    assert [len(sources) for sources, _ in plans[torch.float64]._chunks] == [8]
+    n_compiled = small_weight_steps(compiled, range(2, 81))
+    assert 10 < n_compiled < 79  # both paths were taken
+    assert kernel.calls == 2 + 3 * n_compiled
+
+
+def test_compile_unavailable_falls_back_with_one_warning(monkeypatch, no_kernels, caplog):
+    def no_compiler(fn):
+        raise RuntimeError("no C++ compiler found\nsecond line")
+
+    monkeypatch.setattr(fused_module, "_compile", no_compiler)
+    model = Layers()
+    plain, compiled = compile_pair(model)
+    with caplog.at_level("WARNING", logger="posthoc_ema.fused"):
+        run(model, (plain, compiled), steps=60)
+        again = PostHocEMA(model, SIGMA_RELS, snapshot_every=None, fused="compile")
+        again.update()
+    assert_same(plain, compiled)
+    assert not any(plan.compiled for plan in compiled._fused_plans.values())
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1, messages  # once per process: not per dtype, tracker or update
+    assert "torch.compile is not available here (RuntimeError: no C++ compiler found second line)" in messages[0]
+    assert "using the blocked update (fused=True) instead" in messages[0]
+
+
+def test_inexact_kernel_is_refused(monkeypatch, no_kernels, caplog):
+    """The traced function run as plain Python rounds the product before the add: not torch's lerp."""
+    monkeypatch.setattr(fused_module, "_compile", lambda fn: fn)
+    model = Layers()
+    plain, compiled = compile_pair(model)
+    with caplog.at_level("WARNING", logger="posthoc_ema.fused"):
+        run(model, (plain, compiled), steps=60)
+    assert_same(plain, compiled)
+    assert not any(plan.compiled for plan in compiled._fused_plans.values())
+    assert any("is not torch's bit for bit here (torch.float32, cpu)" in r.getMessage() for r in caplog.records)
+
+
+def test_kernel_failing_mid_update_finishes_the_update(monkeypatch, no_kernels, caplog):
+    kernel = FakeKernel(fail_at=4)  # probes 1, 2; the first compiled update's second float32 chunk
+    monkeypatch.setattr(fused_module, "_compile", lambda fn: kernel)
+    model = Layers()
+    plain, compiled = compile_pair(model)
+    with caplog.at_level("WARNING", logger="posthoc_ema.fused"):
+        run(model, (plain, compiled), steps=80)
+    assert_same(plain, compiled)
+    float32 = next(p for p in compiled._fused_plans.values() if p._sources[0].dtype == torch.float32)
+    assert not float32.compiled
+    expected = "would have to be compiled again (RuntimeError: Detected recompile"
+    assert any(expected in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("mode", [True, "compile"])
+def test_fused_follows_data_replaced_in_place(monkeypatch, no_kernels, mode):
+    """``p.data = ...`` keeps the Parameter but not its storage: the plain update follows it, so must the blocks."""
+    monkeypatch.setattr(fused_module, "_compile", lambda fn: FakeKernel())
+    model = Layers()
+    plain = PostHocEMA(model, SIGMA_RELS, snapshot_every=None)
+    fused = PostHocEMA(model, SIGMA_RELS, snapshot_every=None, fused=mode)
+    run(model, (plain, fused), steps=60)
+    torch.manual_seed(4)
+    model.layers[3].weight.data = torch.randn(16, 16)
+    model.layers[3].bias.data = torch.randn(16)
+    run(model, (plain, fused), steps=5, seed=1)
+    assert_same(plain, fused)
+
+
+def real_compiler() -> bool:
+    return any(shutil.which(name) for name in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not real_compiler(), reason="torch.compile needs a C++ compiler")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's inductor warns about its own torch.jit use
+def test_compiled_kernel_is_the_plain_update_bit_for_bit(monkeypatch, caplog):
+    """The real torch.compile: exact over 80 updates in float32 and float64, and never compiled again."""
+    monkeypatch.setattr(fused_module, "_kernels", {})
+    monkeypatch.setattr(fused_module, "_unavailable", [])
+    monkeypatch.setattr(fused_module, "MIN_COMPILED", 1000)
+    model = Layers(width=40)  # 1,600-element weights, in two chunks
+    plain = PostHocEMA(model, (0.05, 0.10), schedules={"timm": Constant(0.9)}, snapshot_every=None)
+    compiled = PostHocEMA(model, (0.05, 0.10), schedules={"timm": Constant(0.9)}, snapshot_every=None, fused="compile")
+    with caplog.at_level("WARNING", logger="posthoc_ema.fused"):
+        run(model, (plain, compiled), steps=80)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    assert len(compiled._fused_plans) == 2 and all(plan.compiled for plan in compiled._fused_plans.values())
+    assert_same(plain, compiled)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_kernel_on_cuda(no_kernels):
+    model = Layers().cuda()
+    plain, compiled = compile_pair(model)
+    run(model, (plain, compiled), steps=80)
+    assert_same(plain, compiled)  # exact, through the kernel or (with a warning) the blocked update
