@@ -1028,6 +1028,7 @@ def plot_command(
     ] = None,
     step: Step = None,
     prefix: Prefix = None,
+    no_classic: NoClassic = False,
 ) -> None:
     """Draw a reconstructed EMA profile (--sigma-rel) or the predicted error across sigma_rel (--error-curve)."""
     grid: list[float] | None = error_curve  # type: ignore[assignment]  # converted by the callback
@@ -1041,7 +1042,7 @@ def plot_command(
                 path = _image_path(output, "error-curve.png")
                 with warnings.catch_warnings():  # the curve shows the errors; no warning per target
                     warnings.simplefilter("ignore", PoorReconstructionWarning)
-                    curve = _checked_plan(ckpt_dir, grid, step, prefix)
+                    curve = _checked_plan(ckpt_dir, grid, step, prefix, use_classic=not no_classic)
                     # Add the tracked sigma_rels inside the grid, where the error drops to 0 (as plot_error_curve does).
                     extra = [
                         s
@@ -1049,12 +1050,14 @@ def plot_command(
                         if min(grid) <= s <= max(grid) and not any(same_sigma_rel(s, g) for g in grid)
                     ]
                     if extra:
-                        curve = plan(ckpt_dir, [*grid, *extra], step=curve.step, prefix=prefix)
+                        curve = plan(
+                            ckpt_dir, [*grid, *extra], step=curve.step, prefix=prefix, use_classic=not no_classic
+                        )
                 plot_error_curve(curve, None, path)
             elif sigma_rel is not None:
                 path = _image_path(output, f"profile-{sigma_rel!r}.png")
                 with _shown_warnings():
-                    the_plan = _checked_plan(ckpt_dir, sigma_rel, step, prefix)
+                    the_plan = _checked_plan(ckpt_dir, sigma_rel, step, prefix, use_classic=not no_classic)
                 plot_profile(the_plan, 0, path)
         except ImportError as err:
             typer.secho(f"error: {_one_line(err)}", fg="red", err=True)

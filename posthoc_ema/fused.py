@@ -34,6 +34,7 @@ with one log line.
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -179,8 +180,13 @@ def _lerps(sources: list[torch.Tensor], emas: list[list[torch.Tensor]], weights:
 
 
 def _compile(fn: Kernel) -> Kernel:
-    """``torch.compile`` with the shapes symbolic (one kernel for every chunk of :data:`CHUNK` tensors)."""
-    return torch.compile(fn, fullgraph=True, dynamic=True, options=_OPTIONS)
+    """``torch.compile`` of a fresh copy of ``fn``, with the shapes symbolic (one kernel for every chunk).
+
+    Dynamo keys its cache, and its limit on recompiles, on the code object:
+    a copy per kernel keeps one dtype's kernel from counting against another's.
+    """
+    fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
+    return torch.compile(fresh, fullgraph=True, dynamic=True, options=_OPTIONS)
 
 
 def _first_lines(err: Exception) -> str:

@@ -342,25 +342,25 @@ class PostHocEMA:
             ``full_tensor()`` on every rank and write whole files from rank 0,
             instead of one shard file per rank (the default, with nothing
             gathered during training). Ignored for a model without DTensors.
-        fused: update all the EMAs in one pass over the weights, block by
-            block (:class:`posthoc_ema.fused.BlockedLerp`), instead of one pass
-            per EMA: the same numbers bit for bit, in about 0.9x the time of the
-            plain update with 2 EMAs and 0.8x with 4 on a CPU and a model of
-            large tensors; no faster on a model of many small ones
-            (``docs/benchmarks.md``). It needs no compiler. ``"compile"``: the
-            same numbers from a kernel made by ``torch.compile`` that reads each
-            weight once for all the EMAs (:class:`posthoc_ema.fused.CompiledLerp`),
-            for tensors of 64Ki elements or more; it is compiled at the first
-            update (seconds to a minute, once per process), checked bit for bit
-            against ``torch._foreach_lerp_`` on a probe, and replaced by ``True``
-            with one logged warning where it cannot be compiled or is not exact.
+        fused: update all the EMAs in one pass over the weights instead of one
+            pass per EMA, with the same numbers bit for bit. ``True``: block by
+            block (:class:`posthoc_ema.fused.BlockedLerp`); it needs no compiler.
+            ``"compile"``: tensors of 64Ki elements or more through a kernel made
+            by ``torch.compile`` that reads each weight once for every EMA
+            (:class:`posthoc_ema.fused.CompiledLerp`), compiled at the first
+            update (about 15 s, once per process), checked bit for bit against
+            ``torch._foreach_lerp_`` on a probe, and replaced by ``True`` with one
+            logged warning where it cannot be compiled or is not exact. On a CPU
+            and a model of large tensors: about 0.94x / 0.87x the time of the
+            plain update with 2 EMAs and 0.86x / 0.68x with 4; no faster on a
+            model of many small ones (``docs/benchmarks.md``).
 
     Raises:
         ValueError: for a sigma_rel outside (0, sqrt(1/12)), repeated sigma_rels,
             no EMA at all, an invalid schedule name or a power function among the schedules,
             a non-positive ``snapshot_every`` or ``update_every``, a model with
             no floating tensor to track, a ``snapshot_dir`` that is a file, an
-            invalid ``prefix`` or ``existing``, or a DTensor placed other than
+            invalid ``prefix``, ``existing`` or ``fused``, or a DTensor placed other than
             ``Shard(d)`` / ``Replicate()`` on a 1-D mesh spanning every rank.
 
     Sharded models (FSDP2's ``fully_shard``, whose parameters are DTensors):

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from posthoc_ema import PostHocEMA, profiles, schedules
+from posthoc_ema import PostHocEMA, cli, profiles, schedules
 from posthoc_ema.commands import command_sweep
 from posthoc_ema.errors import PoorReconstructionWarning, SnapshotError
 from posthoc_ema.files import write_atomic
@@ -486,6 +486,18 @@ def test_the_cli_lists_and_can_leave_out_the_classic_snapshots(runs) -> None:  #
     out, _ = invoke("synthesize", folder, "--beta", "0.999", "--dry-run", "--no-classic")
     assert "from 40 snapshots (steps 100..2000, sigma_rels 0.05, 0.1)" in out
     assert "CANNOT BE REPRESENTED" in out
+
+
+def test_plot_can_leave_out_the_classic_snapshots(runs, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    folder, _ = runs["both"]
+    drawn = []
+    monkeypatch.setattr(cli, "plot_profile", lambda the_plan, index, path: drawn.append(the_plan))
+    monkeypatch.setattr(cli, "plot_error_curve", lambda the_plan, ax, path: drawn.append(the_plan))
+    for flags in ([], ["--no-classic"]):
+        invoke("plot", folder, "--sigma-rel", "0.08", "-o", tmp_path / "profile.png", *flags)
+        invoke("plot", folder, "--error-curve", "0.04:0.2:0.04", "-o", tmp_path / "curve.png", *flags)
+    assert [len(p.classic_snapshots) for p in drawn] == [40, 40, 0, 0]
+    assert drawn[2].errors[0] > drawn[0].errors[0]  # the classic profiles help
 
 
 def test_info_counts_the_classic_snapshots_by_name_and_schedule(runs) -> None:  # type: ignore[no-untyped-def]
