@@ -37,6 +37,7 @@ import typer
 
 from posthoc_ema._version import __version__
 from posthoc_ema.commands import command_sweep, target_weights_name, weights_name
+from posthoc_ema.files import named_as
 from posthoc_ema.folders import describe
 from posthoc_ema.plots import plot_error_curve, plot_profile, plot_sweep
 from posthoc_ema.profiles import same_sigma_rel
@@ -754,10 +755,8 @@ def synthesize(
         with _folders_made() as make:
             for index, path in enumerate(paths):
                 make(path.parent)
-                try:
+                with named_as(path):
                     save(path, state_dicts[the_plan.key(index)], the_plan, index, overwrite=force)
-                except OSError as err:  # name the file asked for, not its temporary name
-                    raise OSError(err.errno, err.strerror or str(err), str(path)) from None
                 typer.echo(f"wrote {path}")
 
 
@@ -1126,10 +1125,8 @@ def _synthesize_checkpoints(
         with _folders_made() as make:
             for index, path in enumerate(paths):
                 make(path.parent)
-                try:
+                with named_as(path):
                     checkpoints.save(path, state_dicts[the_plan.key(index)], the_plan, index, overwrite=force)
-                except OSError as err:  # name the file asked for, not its temporary name
-                    raise OSError(err.errno, err.strerror or str(err), str(path)) from None
                 typer.echo(f"wrote {path}")
 
 

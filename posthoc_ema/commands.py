@@ -27,6 +27,7 @@ import torch
 
 from posthoc_ema.dtypes import parse_dtype
 from posthoc_ema.errors import EvaluationError
+from posthoc_ema.files import named_as
 from posthoc_ema.results import DEFAULT_METRIC, RESULTS_CSV, RESULTS_JSON, SweepResult, SweepRow, row_order
 from posthoc_ema.schedules import Schedule
 from posthoc_ema.synthesis import Plan, StateDict, plan, save, target_key
@@ -415,10 +416,8 @@ def command_sweep(
 
     def evaluate_at(j: int, state_dict: StateDict) -> Metrics:
         i = todo[j]
-        try:
+        with named_as(paths[i]):
             save(paths[i], state_dict, the_plan, i, overwrite=True)  # its own file of an earlier, failed try
-        except OSError as err:  # name the file asked for, not its temporary name
-            raise OSError(err.errno, err.strerror or str(err), str(paths[i])) from None
         try:
             return run_command(command, paths[i], timeout=timeout)
         finally:

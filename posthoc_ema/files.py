@@ -21,7 +21,15 @@ import torch
 from posthoc_ema.dtypes import SAFETENSORS_DTYPES
 from posthoc_ema.errors import SnapshotError
 
-__all__ = ["TMP_SUFFIX", "atomic_path", "read_header", "temporary_name", "write_atomic", "write_safetensors"]
+__all__ = [
+    "TMP_SUFFIX",
+    "atomic_path",
+    "named_as",
+    "read_header",
+    "temporary_name",
+    "write_atomic",
+    "write_safetensors",
+]
 
 TMP_SUFFIX = ".tmp"
 
@@ -172,6 +180,15 @@ def temporary_name(path: str | os.PathLike[str]) -> Path:
     """
     path = Path(path)
     return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+@contextlib.contextmanager
+def named_as(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Re-raise an ``OSError`` of the block under ``path``: the file asked for, not its temporary name."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
 
 
 @contextlib.contextmanager

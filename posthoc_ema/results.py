@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from posthoc_ema.files import atomic_path
+from posthoc_ema.files import atomic_path, named_as
 from posthoc_ema.schedules import Constant, HalfLife, parse_schedule
 from posthoc_ema.synthesis import format_error
 
@@ -343,8 +343,5 @@ def _fingerprint(value: Any) -> dict[str, Any] | None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    try:
-        with atomic_path(path) as tmp:
-            tmp.write_text(text, encoding="utf-8", newline="")
-    except OSError as err:  # name the file asked for, not its temporary name
-        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+    with named_as(path), atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")

@@ -6,6 +6,7 @@ Each test reproduces one way snapshots went missing before, and fails on the cod
 from __future__ import annotations
 
 import copy
+import errno
 import gc
 import pickle
 import re
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from posthoc_ema import PostHocEMA, SnapshotWriteError, files, list_snapshots
+from posthoc_ema.files import TMP_SUFFIX, atomic_path, named_as
 from posthoc_ema.writer import BackgroundWriter
 
 SNAPSHOT = re.compile(r"phema-(\d+)-([0-9.e-]+)\.safetensors")
@@ -216,3 +218,13 @@ def test_a_stopped_writer_names_the_snapshot_it_cannot_write(tmp_path):
     writer.stop()  # as at interpreter shutdown: the executor takes no more jobs
     with pytest.raises(SnapshotWriteError, match=r"could not write snapshot .*a\.safetensors: cannot schedule"):
         writer.submit(tmp_path / "a.safetensors", lambda: None)
+
+
+def test_named_as_gives_an_os_error_the_name_asked_for(tmp_path):
+    wanted = tmp_path / "missing" / "out.safetensors"  # its folder does not exist: the write fails
+    with pytest.raises(OSError) as caught, named_as(wanted), atomic_path(wanted) as tmp:
+        tmp.write_bytes(b"x")
+    assert caught.value.filename == str(wanted) and caught.value.errno == errno.ENOENT
+    assert "out.safetensors" in str(caught.value) and TMP_SUFFIX not in str(caught.value)
+    with named_as(wanted):  # no error: nothing changes
+        pass
