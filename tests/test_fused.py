@@ -297,20 +297,25 @@ def test_compiled_chunks_cover_every_tensor_once(monkeypatch, no_kernels):
     assert kernel.calls == 2 + 3 * n_compiled
 
 
+def run_compiled(monkeypatch, caplog, compile, steps: int) -> tuple[PostHocEMA, list[str]]:
+    """Plain and ``fused="compile"`` over :class:`Layers`, ``compile`` standing in for torch.compile:
+    the same numbers whatever it does; the compiled tracker, and the warnings logged."""
+    monkeypatch.setattr(fused_module, "_compile", compile)
+    model = Layers()
+    plain, compiled = compile_pair(model)
+    with caplog.at_level("WARNING", logger="posthoc_ema.fused"):
+        run(model, (plain, compiled), steps=steps)
+        PostHocEMA(model, SIGMA_RELS, snapshot_every=None, fused="compile").update()  # another tracker, other k
+    assert_same(plain, compiled)
+    return compiled, [r.getMessage() for r in caplog.records]
+
+
 def test_compile_unavailable_falls_back_with_one_warning(monkeypatch, no_kernels, caplog):
     def no_compiler(fn):
         raise RuntimeError("no C++ compiler found\nsecond line")
 
-    monkeypatch.setattr(fused_module, "_compile", no_compiler)
-    model = Layers()
-    plain, compiled = compile_pair(model)
-    with caplog.at_level("WARNING", logger="posthoc_ema.fused"):
-        run(model, (plain, compiled), steps=60)
-        again = PostHocEMA(model, SIGMA_RELS, snapshot_every=None, fused="compile")
-        again.update()
-    assert_same(plain, compiled)
+    compiled, messages = run_compiled(monkeypatch, caplog, no_compiler, steps=60)
     assert not any(plan.compiled for plan in compiled._fused_plans.values())
-    messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1, messages  # once per process: not per dtype, tracker or update
     assert "torch.compile is not available here (RuntimeError: no C++ compiler found second line)" in messages[0]
     assert "using the blocked update (fused=True) instead" in messages[0]
@@ -318,28 +323,17 @@ def test_compile_unavailable_falls_back_with_one_warning(monkeypatch, no_kernels
 
 def test_inexact_kernel_is_refused(monkeypatch, no_kernels, caplog):
     """The traced function run as plain Python rounds the product before the add: not torch's lerp."""
-    monkeypatch.setattr(fused_module, "_compile", lambda fn: fn)
-    model = Layers()
-    plain, compiled = compile_pair(model)
-    with caplog.at_level("WARNING", logger="posthoc_ema.fused"):
-        run(model, (plain, compiled), steps=60)
-    assert_same(plain, compiled)
+    compiled, messages = run_compiled(monkeypatch, caplog, lambda fn: fn, steps=60)
     assert not any(plan.compiled for plan in compiled._fused_plans.values())
-    assert any("is not torch's bit for bit here (torch.float32, cpu)" in r.getMessage() for r in caplog.records)
+    assert any("is not torch's bit for bit here (torch.float32, cpu)" in m for m in messages)
 
 
 def test_kernel_failing_mid_update_finishes_the_update(monkeypatch, no_kernels, caplog):
     kernel = FakeKernel(fail_at=4)  # probes 1, 2; the first compiled update's second float32 chunk
-    monkeypatch.setattr(fused_module, "_compile", lambda fn: kernel)
-    model = Layers()
-    plain, compiled = compile_pair(model)
-    with caplog.at_level("WARNING", logger="posthoc_ema.fused"):
-        run(model, (plain, compiled), steps=80)
-    assert_same(plain, compiled)
+    compiled, messages = run_compiled(monkeypatch, caplog, lambda fn: kernel, steps=80)
     float32 = next(p for p in compiled._fused_plans.values() if p._sources[0].dtype == torch.float32)
     assert not float32.compiled
-    expected = "would have to be compiled again (RuntimeError: Detected recompile"
-    assert any(expected in r.getMessage() for r in caplog.records)
+    assert any("would have to be compiled again (RuntimeError: Detected recompile" in m for m in messages)
 
 
 @pytest.mark.parametrize("mode", [True, "compile"])
