@@ -10,41 +10,16 @@ validation and back, and keep the averaging state in the callback's
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Mapping, Sequence
 from typing import Any
 
-from posthoc_ema import profiles
+from posthoc_ema.integrations._common import TrackerCallback
 from posthoc_ema.tracker import PostHocEMA
-
-
-def check_evaluate_with(
-    sigma_rels: Sequence[float] | float, evaluate_with: float | None, tracker_options: Mapping[str, Any]
-) -> None:
-    """Raise ValueError unless ``evaluate_with`` is None, or a tracked sigma_rel (the identity rule) on every rank."""
-    if evaluate_with is None:
-        return
-    if tracker_options.get("rank0_only"):
-        raise ValueError(
-            f"evaluate_with={evaluate_with!r} with rank0_only=True: the other ranks keep no EMA to swap in for "
-            "evaluation; pass evaluate_with=None, or leave rank0_only off"
-        )
-    tracked = [
-        profiles.canonical_sigma_rel(float(s))
-        for s in ([sigma_rels] if isinstance(sigma_rels, (int, float)) else sigma_rels)
-    ]
-    if not any(profiles.same_sigma_rel(s, evaluate_with) for s in tracked):
-        raise ValueError(
-            f"evaluate_with={evaluate_with!r} is not among sigma_rels {tuple(tracked)}; "
-            "pick a tracked one, or None to evaluate the raw weights"
-        )
 
 
 def define_callback(callback_base: type[Any], strategies: Any, package: str) -> type[Any]:
     """The ``PostHocEMACallback`` class on the ``Callback`` base of one Lightning package."""
 
-    class PostHocEMACallback(callback_base):  # type: ignore[misc,unused-ignore]
+    class PostHocEMACallback(TrackerCallback, callback_base):  # type: ignore[misc,unused-ignore]
         __doc__ = f"""Post-hoc EMA for a Lightning ``Trainer`` ({package}).
 
         Tracks power-function EMAs of the LightningModule with
@@ -82,24 +57,7 @@ def define_callback(callback_base: type[Any], strategies: Any, package: str) -> 
             >>> trainer = Trainer(callbacks=[ema])  # doctest: +SKIP
         """
 
-        def __init__(
-            self,
-            sigma_rels: Sequence[float] | float = (0.05, 0.10),
-            snapshot_dir: str | os.PathLike[str] | None = None,
-            snapshot_every: int | None = 1000,
-            evaluate_with: float | None = 0.10,
-            **tracker_options: Any,
-        ) -> None:
-            super().__init__()
-            check_evaluate_with(sigma_rels, evaluate_with, tracker_options)
-            self.sigma_rels = sigma_rels
-            self.snapshot_dir = snapshot_dir
-            self.snapshot_every = snapshot_every
-            self.evaluate_with = evaluate_with
-            self.tracker_options = tracker_options
-            self.emas: PostHocEMA | None = None
-            self._pending: dict[str, Any] | None = None
-            self._swap: contextlib.ExitStack | None = None
+        _pending: dict[str, Any] | None = None  # a checkpoint's state, restored before the tracker exists
 
         @property
         def state_key(self) -> str:
@@ -109,13 +67,7 @@ def define_callback(callback_base: type[Any], strategies: Any, package: str) -> 
 
         def _ensure(self, pl_module: Any) -> PostHocEMA:
             if self.emas is None:
-                self.emas = PostHocEMA(
-                    pl_module,
-                    self.sigma_rels,
-                    snapshot_dir=self.snapshot_dir,
-                    snapshot_every=self.snapshot_every,
-                    **self.tracker_options,
-                )
+                self.emas = self._new_tracker(pl_module)
             if self._pending is not None:
                 self.emas.load_state_dict(self._pending)
                 self._pending = None
@@ -155,16 +107,7 @@ def define_callback(callback_base: type[Any], strategies: Any, package: str) -> 
                 return
             if self.emas is None and self._pending is None:
                 return  # validate()/test() without a fit and without a checkpoint to restore
-            emas = self._ensure(pl_module)
-            if emas.step == 0:
-                return  # the sanity check before the first step: there is no average yet
-            self._swap = contextlib.ExitStack()
-            self._swap.enter_context(emas.swapped(pl_module, self.evaluate_with))
-
-        def _swap_out(self) -> None:
-            if self._swap is not None:
-                swap, self._swap = self._swap, None
-                swap.close()
+            self._swap_into(self._ensure(pl_module), pl_module)  # not at the sanity check before the first step
 
         def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
             self._swap_in(pl_module)

@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from posthoc_ema.files import atomic_path
-from posthoc_ema.integrations._lightning import check_evaluate_with
-from posthoc_ema.tracker import PostHocEMA
+from posthoc_ema.integrations._common import TrackerCallback
 
 try:
     from transformers import TrainerCallback
@@ -53,7 +52,7 @@ __all__ = ["STATE_NAME", "PostHocEMACallback"]
 STATE_NAME = "posthoc_ema.pt"
 
 
-class PostHocEMACallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  # Any when transformers is missing
+class PostHocEMACallback(TrackerCallback, TrainerCallback):  # type: ignore[misc,unused-ignore]  # Any when transformers is missing
     """Post-hoc EMA for a Hugging Face ``Trainer``.
 
     Tracks power-function EMAs of the model with :class:`~posthoc_ema.PostHocEMA`
@@ -79,23 +78,7 @@ class PostHocEMACallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  
         >>> trainer = Trainer(model, args, train_dataset=data, callbacks=[ema])  # doctest: +SKIP
     """
 
-    def __init__(
-        self,
-        sigma_rels: Sequence[float] | float = (0.05, 0.10),
-        snapshot_dir: str | os.PathLike[str] | None = None,
-        snapshot_every: int | None = 1000,
-        evaluate_with: float | None = 0.10,
-        **tracker_options: Any,
-    ) -> None:
-        check_evaluate_with(sigma_rels, evaluate_with, tracker_options)
-        self.sigma_rels = sigma_rels
-        self.snapshot_dir = snapshot_dir
-        self.snapshot_every = snapshot_every
-        self.evaluate_with = evaluate_with
-        self.tracker_options = tracker_options
-        self.emas: PostHocEMA | None = None
-        self.resume_from: Path | None = None
-        self._swap: contextlib.ExitStack | None = None
+    resume_from: Path | None = None  # set by load(): the checkpoint folder of the next train()
 
     def load(self, checkpoint_dir: str | os.PathLike[str]) -> None:
         """Resume the tracker from ``checkpoint_dir`` at the next ``train()``, for a
@@ -116,13 +99,7 @@ class PostHocEMACallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if self.emas is not None:
             self.emas.close()
-        self.emas = PostHocEMA(
-            model,
-            self.sigma_rels,
-            snapshot_dir=self.snapshot_dir,
-            snapshot_every=self.snapshot_every,
-            **self.tracker_options,
-        )
+        self.emas = self._new_tracker(model)
         if state.global_step > 0:  # resumed: _init_training_state restored the global step
             folder = self.resume_from or Path(args.output_dir) / f"checkpoint-{state.global_step}"
             path = folder / STATE_NAME
@@ -155,15 +132,8 @@ class PostHocEMACallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  
             self.emas.close()  # the end of training is snapshotted, the writer and lock released
 
     def _swap_in(self, model: Any) -> None:
-        if self.evaluate_with is None or self.emas is None or self.emas.step == 0 or self._swap is not None:
-            return
-        self._swap = contextlib.ExitStack()
-        self._swap.enter_context(self.emas.swapped(model, self.evaluate_with))
-
-    def _swap_out(self) -> None:
-        if self._swap is not None:
-            swap, self._swap = self._swap, None
-            swap.close()
+        if self.emas is not None:
+            self._swap_into(self.emas, model)
 
     # -- checkpoints ----------------------------------------------------------------
 
