@@ -260,7 +260,10 @@ class CompiledLerp:
     more (a tracker's first steps), through :class:`BlockedLerp`. Built once
     from the group's lists, as :class:`BlockedLerp`. The kernel is compiled at
     the first use for each number of EMAs, dtype and device (seconds to a
-    minute), and never again: the weights are given as a tensor.
+    minute), and never again: the weights are given as a tensor. While the
+    kernel runs, ``torch.compiler``'s stance is ``"fail_on_recompile"``; the
+    stance is global, so a ``torch.compile`` function that another thread runs
+    at that moment would be refused a recompile too.
 
     Args:
         sources: the tensors the EMAs move towards.
