@@ -97,14 +97,25 @@ def job_floor(folder: Path) -> None:
     _emit({"job": "floor", "seconds": time.perf_counter() - start, "cpu_s": _cpu_s() - cpu, "bytes": total})
 
 
+def _pass_module() -> Any:
+    """The module that holds the pass's _fill and _product: posthoc_ema.reader, or synthesis in older baselines."""
+    import importlib
+
+    try:
+        return importlib.import_module("posthoc_ema.reader")
+    except ImportError:
+        return importlib.import_module("posthoc_ema.synthesis")
+
+
 def job_synthesize(folder: Path, part: str) -> None:
     import torch
 
     import posthoc_ema
     from posthoc_ema import synthesis
 
+    passes = _pass_module()
     if part == "reads":
-        synthesis._product = lambda *args, **kwargs: None  # type: ignore[attr-defined]
+        passes._product = lambda *args, **kwargs: None
     elif part == "products":
         ones: set[int] = set()
 
@@ -114,9 +125,9 @@ def job_synthesize(folder: Path, part: str) -> None:
                 ones.add(buffer.data_ptr())
             return buffer[:, : e1 - e0]
 
-        synthesis._fill = fill  # type: ignore[assignment]
+        passes._fill = fill
     elif part in ("mmap-copy", "mmap-direct"):
-        _use_mmap(synthesis, direct=part == "mmap-direct")
+        _use_mmap(passes, direct=part == "mmap-direct")
     the_plan = posthoc_ema.plan(folder, TARGETS)
     cpu, start = _cpu_s(), time.perf_counter()
     result = synthesis.run(the_plan)
@@ -135,7 +146,7 @@ def job_synthesize(folder: Path, part: str) -> None:
     )
 
 
-def _use_mmap(synthesis: Any, *, direct: bool) -> None:
+def _use_mmap(passes: Any, *, direct: bool) -> None:
     """Tried and not kept: the snapshots memory-mapped instead of read (tracker-written float32 files only).
 
     ``direct``: no copy at all, each snapshot's mapped chunk multiplied into the
@@ -170,15 +181,15 @@ def _use_mmap(synthesis: Any, *, direct: bool) -> None:
         return rows
 
     def product(xs: Any, e0: int, e1: int, *, sums: torch.Tensor, weights: torch.Tensor, beta: float) -> None:
-        for a in range(0, e1 - e0, synthesis._PRODUCT_COLUMNS):
-            b = min(e1 - e0, a + synthesis._PRODUCT_COLUMNS)
+        for a in range(0, e1 - e0, passes._PRODUCT_COLUMNS):
+            b = min(e1 - e0, a + passes._PRODUCT_COLUMNS)
             block = sums[:, e0 + a : e0 + b]
             for k, x in enumerate(xs):
                 block.addmm_(weights[:, k : k + 1], x[None, a:b], beta=beta if k == 0 else 1.0)
 
-    synthesis._fill = fill
+    passes._fill = fill
     if direct:
-        synthesis._product = product
+        passes._product = product
 
 
 def job_touch(folder: Path) -> None:
@@ -187,11 +198,10 @@ def job_touch(folder: Path) -> None:
     import torch
 
     import posthoc_ema
-    from posthoc_ema import synthesis
 
     the_plan = posthoc_ema.plan(folder, TARGETS)
     total = sum(int(torch.Size(shape).numel()) for dt, shape in the_plan.snapshots[-1].tensors.values() if dt == "F32")
-    workers = synthesis._WORKERS  # type: ignore[attr-defined]
+    workers = getattr(_pass_module(), "_WORKERS", 1)
     cpu, start = _cpu_s(), time.perf_counter()
     sums = torch.empty(len(TARGETS), total)
     edges = [total * w // workers for w in range(workers + 1)]

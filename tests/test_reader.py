@@ -16,7 +16,7 @@ import torch
 from helpers import random_walk_run, write_snapshot
 from safetensors import safe_open
 
-from posthoc_ema import SnapshotError, plan, synthesis, synthesize_many
+from posthoc_ema import SnapshotError, plan, reader, synthesize_many
 from posthoc_ema.synthesis import run
 
 TARGETS = (0.06, 0.07, 0.12)
@@ -53,9 +53,9 @@ def folder(request: pytest.FixtureRequest) -> Path:
 @pytest.fixture(params=[False, True], ids=["one chunk", "small chunks"])
 def chunking(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     if request.param:  # chunks of 7 elements: reads start and end inside tensors
-        monkeypatch.setattr(synthesis, "_MIN_READ", 7)
-        monkeypatch.setattr(synthesis, "_CHUNK_BYTES", 8)
-        monkeypatch.setattr(synthesis, "_PRODUCT_COLUMNS", 3)  # products of 3 columns: blocks end inside chunks
+        monkeypatch.setattr(reader, "_MIN_READ", 7)
+        monkeypatch.setattr(reader, "_CHUNK_BYTES", 8)
+        monkeypatch.setattr(reader, "_PRODUCT_COLUMNS", 3)  # products of 3 columns: blocks end inside chunks
 
 
 class Counter:
@@ -142,7 +142,7 @@ def test_without_preadv(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_without_preadv_and_short_reads(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     expected = synthesize_many(folder, TARGETS)
     monkeypatch.delattr(os, "preadv")
-    monkeypatch.setattr(synthesis, "_RawFile", ShortFileIO)
+    monkeypatch.setattr(reader, "_RawFile", ShortFileIO)
     ShortFileIO.calls = 0
     same(synthesize_many(folder, TARGETS), expected)
     assert ShortFileIO.calls > len(plan(folder, TARGETS).snapshots)
@@ -176,14 +176,14 @@ def test_any_number_of_workers_gives_the_same_bytes(
 ) -> None:
     """Each chunk is one product whichever thread does it: the threads change no bit of the result."""
     expected = synthesize_many(folder, TARGETS)
-    monkeypatch.setattr(synthesis, "_WORKERS", workers)
+    monkeypatch.setattr(reader, "_WORKERS", workers)
     same(synthesize_many(folder, TARGETS), expected)
 
 
 @pytest.mark.usefixtures("chunking")
 def test_batches_of_open_files_match_float64_reference(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """More snapshots than may be open at once: several passes, the later ones adding to the sums."""
-    monkeypatch.setattr(synthesis, "_MAX_OPEN", 3)
+    monkeypatch.setattr(reader, "_MAX_OPEN", 3)
     result = synthesize_many(folder, TARGETS)
     assert_matches_reference(folder, result)
 
@@ -191,7 +191,7 @@ def test_batches_of_open_files_match_float64_reference(folder: Path, monkeypatch
 @pytest.mark.usefixtures("chunking")
 def test_the_device_pipeline_matches_float64_reference(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU path's reader thread, double buffers and staging copies, run on the CPU (no CUDA streams)."""
-    monkeypatch.setattr(synthesis, "_cpu_pass", synthesis._device_pass)
+    monkeypatch.setattr(reader, "_cpu_pass", reader._device_pass)
     result = synthesize_many(folder, TARGETS)
     assert_matches_reference(folder, result)
 
@@ -207,10 +207,10 @@ def test_cuda_pinned_pipeline_matches_float64_reference(folder: Path) -> None:
 @pytest.mark.parametrize("pipeline", ["cpu", "device"])
 def test_file_cut_after_planning_in_a_later_chunk(folder: Path, monkeypatch: pytest.MonkeyPatch, pipeline: str) -> None:
     """A file cut short is named when a chunk far into the pass reads it, with later chunks already queued."""
-    monkeypatch.setattr(synthesis, "_MIN_READ", 7)
-    monkeypatch.setattr(synthesis, "_CHUNK_BYTES", 8)
+    monkeypatch.setattr(reader, "_MIN_READ", 7)
+    monkeypatch.setattr(reader, "_CHUNK_BYTES", 8)
     if pipeline == "device":
-        monkeypatch.setattr(synthesis, "_cpu_pass", synthesis._device_pass)
+        monkeypatch.setattr(reader, "_cpu_pass", reader._device_pass)
     the_plan = plan(folder, TARGETS)
     victim = the_plan.snapshots[1].path
     data = victim.read_bytes()
@@ -224,16 +224,16 @@ def test_file_cut_after_planning_in_a_later_chunk(folder: Path, monkeypatch: pyt
 
 def test_an_error_in_progress_stops_the_pass(float32_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An exception raised by the progress callback reaches the caller, and no chunk is read after it."""
-    monkeypatch.setattr(synthesis, "_MIN_READ", 7)
-    monkeypatch.setattr(synthesis, "_CHUNK_BYTES", 8)
+    monkeypatch.setattr(reader, "_MIN_READ", 7)
+    monkeypatch.setattr(reader, "_CHUNK_BYTES", 8)
     fills: list[int] = []
-    real_fill = synthesis._fill
+    real_fill = reader._fill
 
     def counting_fill(*args: object, **kwargs: object) -> torch.Tensor:
         fills.append(1)
         return real_fill(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(synthesis, "_fill", counting_fill)
+    monkeypatch.setattr(reader, "_fill", counting_fill)
 
     def progress(done: int, total: int) -> None:
         raise KeyboardInterrupt
@@ -241,8 +241,8 @@ def test_an_error_in_progress_stops_the_pass(float32_run: Path, monkeypatch: pyt
     with pytest.raises(KeyboardInterrupt):
         synthesize_many(float32_run, TARGETS, progress=progress)
     # At most the chunks already queued to the workers (2 per worker, plus the one reported) were read.
-    assert 1 <= len(fills) <= 2 * synthesis._WORKERS + 1
+    assert 1 <= len(fills) <= 2 * reader._WORKERS + 1
     floats = sum(
         math.prod(shape) for dtype, shape in plan(float32_run, TARGETS).snapshots[0].tensors.values() if dtype == "F32"
     )
-    assert math.ceil(floats / 7) > 2 * synthesis._WORKERS + 1  # the pass had more chunks than that
+    assert math.ceil(floats / 7) > 2 * reader._WORKERS + 1  # the pass had more chunks than that
