@@ -200,6 +200,40 @@ def _alias(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), 0, (t.numel(),), (1,))
 
 
+def _exact(kernel: Kernel, n_emas: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``kernel`` computes ``torch._foreach_lerp_`` bit for bit on a probe (compiling it for the state now).
+
+    Raises what ``torch.compile`` raises when it cannot compile.
+    """
+    generator = torch.Generator().manual_seed(0)
+
+    def probe() -> torch.Tensor:
+        return torch.cat([torch.randn(n, generator=generator, dtype=dtype) for n in _PROBE_SIZES]).to(device)
+
+    split = list(_PROBE_SIZES)
+    with torch.inference_mode(False):  # plain tensors, as the EMAs are, whatever the caller's mode
+        source, emas = probe(), [probe() for _ in range(n_emas)]
+        weights = (torch.rand(n_emas, generator=generator, dtype=dtype) * 0.5).to(device)
+        weights[0] = 1e-3  # a decay near 1, as most updates have
+        expected = [ema.clone() for ema in emas]
+        for ema, weight in zip(expected, weights.tolist(), strict=True):
+            torch._foreach_lerp_(list(torch.split(ema, split)), list(torch.split(source, split)), weight)
+        sources = [_alias(t.clone()) for t in torch.split(source, split)]
+        got = [[_alias(t.clone()) for t in torch.split(ema, split)] for ema in emas]
+    with torch.no_grad():
+        kernel(sources, got, weights)
+    return all(torch.equal(torch.cat(tensors), want) for tensors, want in zip(got, expected, strict=True))
+
+
+def _inexact(dtype: torch.dtype, device: torch.device) -> None:
+    log.warning(
+        "fused='compile': torch.compile's lerp is not torch's bit for bit here (%s, %s); "
+        "using the blocked update (fused=True) instead",
+        dtype,
+        device,
+    )
+
+
 def _kernel(n_emas: int, dtype: torch.dtype, device: torch.device) -> Kernel | None:
     """The compiled lerps of ``n_emas`` EMAs for this dtype and device, checked on a probe; None if unusable."""
     key = (n_emas, dtype, str(device))
@@ -211,36 +245,13 @@ def _kernel(n_emas: int, dtype: torch.dtype, device: torch.device) -> Kernel | N
         _unavailable.append("torch < 2.6")
         log.warning("fused='compile' needs torch 2.6 or later; using the blocked update (fused=True) instead")
         return None
-    generator = torch.Generator().manual_seed(0)
-
-    def probe() -> torch.Tensor:
-        return torch.cat([torch.randn(n, generator=generator, dtype=dtype) for n in _PROBE_SIZES]).to(device)
-
-    source, emas = probe(), [probe() for _ in range(n_emas)]
-    weights = (torch.rand(n_emas, generator=generator, dtype=dtype) * 0.5).to(device)
-    weights[0] = 1e-3  # a decay near 1, as most updates have
-    split = list(_PROBE_SIZES)
-    expected = [ema.clone() for ema in emas]
-    for ema, weight in zip(expected, weights.tolist(), strict=True):
-        torch._foreach_lerp_(list(torch.split(ema, split)), list(torch.split(source, split)), weight)
     kernel: Kernel | None = None
     try:
         compiled = _compile(_lerps)
-        with torch.no_grad():
-            compiled(
-                [_alias(t.clone()) for t in torch.split(source, split)],
-                chunks := [[_alias(t.clone()) for t in torch.split(ema, split)] for ema in emas],
-                weights,
-            )
-        if all(torch.equal(torch.cat(got), want) for got, want in zip(chunks, expected, strict=True)):
+        if _exact(compiled, n_emas, dtype, device):
             kernel = compiled
         else:
-            log.warning(
-                "fused='compile': torch.compile's lerp is not torch's bit for bit here (%s, %s); "
-                "using the blocked update (fused=True) instead",
-                dtype,
-                device,
-            )
+            _inexact(dtype, device)
     except Exception as err:  # no compiler, an unsupported platform: whatever torch.compile raises
         _unavailable.append(_first_lines(err))
         log.warning(
@@ -260,10 +271,14 @@ class CompiledLerp:
     more (a tracker's first steps), through :class:`BlockedLerp`. Built once
     from the group's lists, as :class:`BlockedLerp`. The kernel is compiled at
     the first use for each number of EMAs, dtype and device (seconds to a
-    minute), and never again: the weights are given as a tensor. While the
-    kernel runs, ``torch.compiler``'s stance is ``"fail_on_recompile"``; the
-    stance is global, so a ``torch.compile`` function that another thread runs
-    at that moment would be refused a recompile too.
+    minute); the weights are given as a tensor, so a new beta never compiles
+    again. Another global state of torch (an update under ``autocast`` or
+    ``inference_mode``, another ``torch.set_num_threads``, default dtype or
+    deterministic setting) needs one more compile, which is made on the probe
+    and checked there before the update goes on. While the kernel runs,
+    ``torch.compiler``'s stance is ``"fail_on_recompile"``; the stance is
+    global, so a ``torch.compile`` function that another thread runs at that
+    moment would be refused a recompile too.
 
     Args:
         sources: the tensors the EMAs move towards.
@@ -318,23 +333,41 @@ class CompiledLerp:
             self._blocked(weights)
             return
         first = self._sources[0]
-        tensor = torch.tensor(list(weights), dtype=first.dtype).to(first.device, non_blocking=True)
+        with torch.inference_mode(False):  # a plain tensor, as the probe's (guards tell them apart)
+            tensor = torch.tensor(list(weights), dtype=first.dtype).to(first.device, non_blocking=True)
         done = 0
-        try:
-            with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
-                for sources, emas in self._chunks:
-                    self._kernel(sources, emas, tensor)
+        rechecked = False
+        with torch.no_grad():
+            while done < len(self._chunks):
+                sources, emas = self._chunks[done]
+                try:
+                    with torch.compiler.set_stance("fail_on_recompile"):
+                        self._kernel(sources, emas, tensor)  # a failed guard raises before the kernel runs
                     done += 1
-        except Exception as err:  # a guard failed, before the kernel ran: finish this update without it
-            log.warning(
-                "fused='compile': the compiled kernel would have to be compiled again (%s); "
-                "using the blocked update (fused=True) for this group from now on",
-                _first_lines(err),
-            )
-            self._kernel = None
-            for sources, emas in self._chunks[done:]:
-                for targets, weight in zip(emas, weights, strict=True):
-                    torch._foreach_lerp_(targets, sources, weight)
+                    continue
+                except Exception as err:
+                    reason = _first_lines(err)
+                if not rechecked:
+                    # Another global state (autocast, torch.set_num_threads, the default dtype, inference
+                    # mode...) asks for another compile: made on the probe and checked there, then used.
+                    rechecked = True
+                    try:
+                        if _exact(self._kernel, len(self._emas), first.dtype, first.device):
+                            log.info("fused='compile': compiled again for a new global state (%s)", reason)
+                            continue
+                        _inexact(first.dtype, first.device)
+                    except Exception as err:
+                        reason = _first_lines(err)
+                log.warning(
+                    "fused='compile': the compiled kernel cannot be used (%s); "
+                    "using the blocked update (fused=True) for this group from now on",
+                    reason,
+                )
+                self._kernel = None
+                for sources, emas in self._chunks[done:]:
+                    for targets, weight in zip(emas, weights, strict=True):
+                        torch._foreach_lerp_(targets, sources, weight)
+                break
         self._rest(weights)
 
 

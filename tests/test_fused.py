@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import pickle
 import shutil
+from collections.abc import Iterable
 
 import pytest
 import torch
@@ -236,14 +237,14 @@ class Layers(torch.nn.Module):
 
 
 class FakeKernel:
-    """An exact stand-in for a compiled kernel (torch's own lerp per tensor) that counts, and can fail."""
+    """An exact stand-in for a compiled kernel (torch's own lerp per tensor) that counts, and fails at given calls."""
 
-    def __init__(self, fail_at: int | None = None) -> None:
-        self.calls, self.elements, self.fail_at = 0, 0, fail_at
+    def __init__(self, fail_at: Iterable[int] = ()) -> None:
+        self.calls, self.elements, self.fail_at = 0, 0, set(fail_at)
 
     def __call__(self, sources, emas, weights):
         self.calls += 1
-        if self.calls == self.fail_at:
+        if self.calls in self.fail_at:
             raise RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
         self.elements += sum(t.numel() for t in sources)
         for targets, weight in zip(emas, weights.tolist(), strict=True):
@@ -297,13 +298,13 @@ def test_compiled_chunks_cover_every_tensor_once(monkeypatch, no_kernels):
     assert kernel.calls == 2 + 3 * n_compiled
 
 
-def run_compiled(monkeypatch, caplog, compile, steps: int) -> tuple[PostHocEMA, list[str]]:
+def run_compiled(monkeypatch, caplog, compile, steps: int, level: str = "WARNING") -> tuple[PostHocEMA, list[str]]:
     """Plain and ``fused="compile"`` over :class:`Layers`, ``compile`` standing in for torch.compile:
     the same numbers whatever it does; the compiled tracker, and the warnings logged."""
     monkeypatch.setattr(fused_module, "_compile", compile)
     model = Layers()
     plain, compiled = compile_pair(model)
-    with caplog.at_level("WARNING", logger="posthoc_ema.fused"):
+    with caplog.at_level(level, logger="posthoc_ema.fused"):
         run(model, (plain, compiled), steps=steps)
         PostHocEMA(model, SIGMA_RELS, snapshot_every=None, fused="compile").update()  # another tracker, other k
     assert_same(plain, compiled)
@@ -328,12 +329,22 @@ def test_inexact_kernel_is_refused(monkeypatch, no_kernels, caplog):
     assert any("is not torch's bit for bit here (torch.float32, cpu)" in m for m in messages)
 
 
-def test_kernel_failing_mid_update_finishes_the_update(monkeypatch, no_kernels, caplog):
-    kernel = FakeKernel(fail_at=4)  # probes 1, 2; the first compiled update's second float32 chunk
+def test_a_new_global_state_is_compiled_and_checked_on_the_probe(monkeypatch, no_kernels, caplog):
+    # Calls 1, 2: the probes (float32, float64). Call 4, the first compiled update's second float32 chunk,
+    # meets another global state: call 5 is the probe that compiles and checks it, 6 the chunk again.
+    kernel = FakeKernel(fail_at={4})
+    compiled, messages = run_compiled(monkeypatch, caplog, lambda fn: kernel, steps=80, level="INFO")
+    assert all(plan.compiled for plan in compiled._fused_plans.values())
+    assert any("compiled again for a new global state (RuntimeError: Detected recompile" in m for m in messages)
+    assert not any(r.levelname == "WARNING" for r in caplog.records)
+
+
+def test_a_kernel_failing_again_finishes_the_update_without_it(monkeypatch, no_kernels, caplog):
+    kernel = FakeKernel(fail_at={4, 6})  # the chunk fails again after its probe passed
     compiled, messages = run_compiled(monkeypatch, caplog, lambda fn: kernel, steps=80)
     float32 = next(p for p in compiled._fused_plans.values() if p._sources[0].dtype == torch.float32)
     assert not float32.compiled
-    assert any("would have to be compiled again (RuntimeError: Detected recompile" in m for m in messages)
+    assert any("the compiled kernel cannot be used (RuntimeError: Detected recompile" in m for m in messages)
 
 
 @pytest.mark.parametrize("mode", [True, "compile"])
@@ -359,7 +370,7 @@ def real_compiler() -> bool:
 @pytest.mark.skipif(not real_compiler(), reason="torch.compile needs a C++ compiler")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's inductor warns about its own torch.jit use
 def test_compiled_kernel_is_the_plain_update_bit_for_bit(monkeypatch, caplog):
-    """The real torch.compile: exact over 80 updates in float32 and float64, and never compiled again."""
+    """The real torch.compile: exact over 80 updates in float32 and float64, under autocast too, no warning."""
     monkeypatch.setattr(fused_module, "_kernels", {})
     monkeypatch.setattr(fused_module, "_unavailable", [])
     monkeypatch.setattr(fused_module, "MIN_COMPILED", 1000)
@@ -367,7 +378,10 @@ def test_compiled_kernel_is_the_plain_update_bit_for_bit(monkeypatch, caplog):
     plain = PostHocEMA(model, (0.05, 0.10), schedules={"timm": Constant(0.9)}, snapshot_every=None)
     compiled = PostHocEMA(model, (0.05, 0.10), schedules={"timm": Constant(0.9)}, snapshot_every=None, fused="compile")
     with caplog.at_level("WARNING", logger="posthoc_ema.fused"):
-        run(model, (plain, compiled), steps=80)
+        run(model, (plain, compiled), steps=60)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # another global state: compiled once more, checked
+            run(model, (plain, compiled), steps=10, seed=1)
+        run(model, (plain, compiled), steps=10, seed=2)  # and back: both kernels are kept
     assert not caplog.records, [r.getMessage() for r in caplog.records]
     assert len(compiled._fused_plans) == 2 and all(plan.compiled for plan in compiled._fused_plans.values())
     assert_same(plain, compiled)
