@@ -339,11 +339,11 @@ class CompiledLerp:
         rechecked = False
         with torch.no_grad():
             while done < len(self._chunks):
-                sources, emas = self._chunks[done]
                 try:
                     with torch.compiler.set_stance("fail_on_recompile"):
-                        self._kernel(sources, emas, tensor)  # a failed guard raises before the kernel runs
-                    done += 1
+                        for sources, emas in self._chunks[done:]:
+                            self._kernel(sources, emas, tensor)  # a failed guard raises before the kernel runs
+                            done += 1
                     continue
                 except Exception as err:
                     reason = _first_lines(err)
