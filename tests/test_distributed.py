@@ -24,10 +24,11 @@ from safetensors.torch import load_file
 from posthoc_ema import PostHocEMA
 from posthoc_ema.snapshots import list_snapshots
 
-pytestmark = pytest.mark.skipif(
+needs_gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="needs torch.distributed with the gloo backend",
 )
+pytestmark = needs_gloo
 
 SIGMA_RELS = (0.05, 0.10)
 STEPS = 20

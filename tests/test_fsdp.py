@@ -21,17 +21,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_distributed import run_ranks
+from test_distributed import needs_gloo, run_ranks
 
 from posthoc_ema import PostHocEMA, plan, synthesize, synthesize_many
 from posthoc_ema.errors import PoorReconstructionWarning, SnapshotError
 from posthoc_ema.folders import describe
 from posthoc_ema.snapshots import list_snapshots, read_info
 
-pytestmark = pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="needs torch.distributed with the gloo backend",
-)
+pytestmark = needs_gloo
 
 SIGMA_RELS = (0.05, 0.10)
 STEPS = 20
